@@ -1,0 +1,39 @@
+# medseg developer entry points. `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast lint typecheck bench clean system-deps
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned in the same pip command as monai (constraints.txt): a CPU wheel here, CUDA on GPU hosts.
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[napari,dask,bundle,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medseg demo
+
+system-deps:
+	@scripts/ensure-system-packages
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not napari" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check medseg napari_plugin tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy medseg
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_io.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,24 @@
+"""medseg: 3D organ and tumour segmentation of CT and MR scans.
+
+Four calls for a notebook: ``load_volume`` → ``segment`` → ``evaluate`` → ``volume_stats``.
+Heavy dependencies (torch, MONAI, napari) are imported only by the functions that need them.
+"""
+
+from medseg.errors import MedsegError
+from medseg.io import list_series, load_volume, save_volume
+from medseg.labels import Label, LabelTable
+from medseg.volume import SourceReferences, Volume
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Volume",
+    "SourceReferences",
+    "Label",
+    "LabelTable",
+    "MedsegError",
+    "load_volume",
+    "save_volume",
+    "list_series",
+    "__version__",
+]

@@ -1,0 +1,133 @@
+"""The ``medseg`` command: a thin shell over the library (parse, call one function, present).
+
+``MedsegError`` becomes exit code 2 with one line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medseg.errors import MedsegError
+
+app = typer.Typer(
+    name="medseg",
+    help="3D organ and tumour segmentation of CT and MR scans.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show progress logs.")] = False,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def fail(exc: MedsegError) -> None:
+    """Report a MedsegError the CLI way: one line (or the message) on stderr, exit code 2."""
+    if _state["debug"]:
+        raise exc
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def print_json(data: Any) -> None:
+    """Plain JSON on stdout (no colour codes), for scripts."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _geometry(volume: Any) -> dict[str, Any]:
+    return {
+        "shape": list(volume.shape),
+        "dtype": str(volume.array.dtype),
+        "spacing_mm": [round(s, 6) for s in volume.spacing_mm],
+        "origin_mm": [round(s, 6) for s in volume.origin_mm],
+        "direction": [[round(float(v), 6) for v in row] for row in volume.direction],
+        "orientation": volume.orientation,
+        "modality": volume.modality,
+        "value_range": [float(volume.array.min()), float(volume.array.max())] if volume.array.size else None,
+        "labels": None if volume.labels is None else volume.labels.names,
+    }
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="DICOM folder or file, NIfTI, NRRD or MHA.")],
+    series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Geometry of a scan: shape, spacing, origin, direction, orientation, modality, series found."""
+    from medseg.io import list_series, load_volume
+
+    try:
+        series = [s.describe() for s in list_series(path)] if path.is_dir() else []
+        selected: str | None = series_uid
+        if path.is_dir() and series_uid is None and len(series) > 1:
+            volume = None
+        else:
+            volume = load_volume(path, series_uid=selected)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    data: dict[str, Any] = {"path": str(path)}
+    if volume is not None:
+        data.update(_geometry(volume))
+    if path.is_dir():
+        found = list_series(path)
+        data["series"] = [
+            {"series_uid": s.key, "description": s.description, "modality": s.modality, "slices": s.n_slices}
+            for s in found
+        ]
+    if as_json:
+        print_json(data)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in data.items():
+        if key == "series":
+            continue
+        table.add_row(f"[bold]{key}[/]", str(value))
+    console.print(table)
+    if path.is_dir():
+        console.print(f"[bold]series found[/] ({len(data['series'])}):")
+        for s in data["series"]:
+            console.print(f"  {s['series_uid']}  {s['description']!r}  {s['modality']}  {s['slices']} slices")
+        if volume is None:
+            console.print("Several series: choose one with [bold]--series-uid[/] to see its geometry.")
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Input scan (DICOM folder/file, NIfTI, NRRD, MHA).")],
+    dst: Annotated[Path, typer.Argument(help="Output file (.nii.gz, .nii, .nrrd, .mha).")],
+    series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+) -> None:
+    """Convert a scan to another format on the same world grid."""
+    from medseg.io import load_volume, save_volume
+
+    try:
+        volume = load_volume(src, series_uid=series_uid)
+        out = save_volume(volume, dst)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    console.print(f"wrote {out}  ({volume.describe_grid()})")
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app()

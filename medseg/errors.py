@@ -1,0 +1,86 @@
+"""The one error family of medseg.
+
+Every error medseg raises on purpose is a :class:`MedsegError`. Each subclass also derives from the builtin
+that matches it (``ValueError``, ``OSError``, ``LookupError``), so callers that already catch those keep working.
+Messages say what was expected, what was found, which file, and what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MedsegError",
+    "UnsupportedFormatError",
+    "UnreadableFileError",
+    "DicomSeriesError",
+    "NoImageSeriesError",
+    "MultipleSeriesError",
+    "MissingSlicesError",
+    "NonUniformSpacingError",
+    "InconsistentSeriesError",
+    "DuplicateSlicesError",
+    "GantryTiltError",
+    "GeometryError",
+    "GridMismatchError",
+    "NotVolumetricError",
+    "LabelTableError",
+]
+
+
+class MedsegError(Exception):
+    """Base class of every error medseg raises on purpose."""
+
+
+class UnsupportedFormatError(MedsegError, ValueError):
+    """The path is not in a format medseg reads or writes."""
+
+
+class UnreadableFileError(MedsegError, OSError):
+    """A file exists but cannot be read: truncated, corrupt, or not what its name says."""
+
+
+class DicomSeriesError(MedsegError, ValueError):
+    """A DICOM folder or series cannot be turned into one volume."""
+
+
+class NoImageSeriesError(DicomSeriesError):
+    """A folder holds no DICOM image series."""
+
+
+class MultipleSeriesError(DicomSeriesError):
+    """A folder holds several image series and none was chosen."""
+
+
+class MissingSlicesError(DicomSeriesError):
+    """Slices are missing from a series (gaps that are multiples of the slice spacing)."""
+
+
+class NonUniformSpacingError(DicomSeriesError):
+    """The distances between slices differ and are not explained by missing slices."""
+
+
+class InconsistentSeriesError(DicomSeriesError):
+    """Slices of one series disagree in orientation, size, pixel spacing or pixel format."""
+
+
+class DuplicateSlicesError(DicomSeriesError):
+    """Several different slices sit at the same position."""
+
+
+class GantryTiltError(DicomSeriesError):
+    """Slices are stacked along a direction that is not normal to them (tilted gantry)."""
+
+
+class GeometryError(MedsegError, ValueError):
+    """An affine or a voxel grid is invalid."""
+
+
+class GridMismatchError(GeometryError):
+    """Two volumes that must share a voxel grid do not."""
+
+
+class NotVolumetricError(MedsegError, ValueError):
+    """An operation needs a 3D volume and was given a single slice (or a 4D array)."""
+
+
+class LabelTableError(MedsegError, ValueError):
+    """A label table is malformed or does not match a label volume."""

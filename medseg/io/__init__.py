@@ -1,0 +1,6 @@
+"""Reading and writing volumes: DICOM series, NIfTI, NRRD, MetaImage (the only place that knows LPS)."""
+
+from medseg.io.dicom import SeriesInfo, list_series
+from medseg.io.volume_io import READ_FORMATS, WRITE_SUFFIXES, load_volume, save_volume
+
+__all__ = ["load_volume", "save_volume", "list_series", "SeriesInfo", "READ_FORMATS", "WRITE_SUFFIXES"]

@@ -1,0 +1,228 @@
+"""``load_volume`` and ``save_volume``: one entry point per direction for every format medseg handles."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import GeometryError, LabelTableError, MedsegError, UnreadableFileError, UnsupportedFormatError
+from medseg.labels import LabelTable, sidecar_path
+from medseg.volume import SourceReferences, Volume
+
+__all__ = ["load_volume", "save_volume", "READ_FORMATS", "WRITE_SUFFIXES", "label_dtype"]
+
+log = logging.getLogger(__name__)
+
+_NIFTI = (".nii.gz", ".nii")
+_ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
+READ_FORMATS = (
+    "a folder of DICOM files (any names, subfolders included)",
+    "a single DICOM file (.dcm or no extension; enhanced multi-frame included)",
+    "NIfTI (.nii, .nii.gz)",
+    "NRRD (.nrrd, .nhdr)",
+    "MetaImage (.mha, .mhd)",
+)
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _suffix(path: Path, choices: tuple[str, ...]) -> str | None:
+    name = path.name.lower()
+    return next((s for s in choices if name.endswith(s)), None)
+
+
+def _with_path(exc: MedsegError, path: Path) -> MedsegError:
+    """The same error, its message starting with the path when it does not name it yet."""
+    msg = str(exc)
+    if str(path) in msg:
+        return exc
+    new = type(exc)(f"{path}: {msg}")
+    return new
+
+
+def load_volume(path: str | os.PathLike[str], *, series_uid: str | None = None, modality: str | None = None) -> Volume:
+    """Load a scan or label map, on its own world grid.
+
+    Parameters
+    ----------
+    path : path
+        A DICOM folder or file, NIfTI, NRRD or MetaImage file.
+    series_uid : str, optional
+        For a DICOM folder holding several series: which one (see :func:`medseg.io.list_series`).
+    modality : str, optional
+        Modality to record for formats that do not store one (NIfTI, NRRD, MHA); DICOM's own value wins.
+
+    Returns
+    -------
+    Volume
+        Array (I, J, K) with its RAS affine; CT from DICOM in HU, MR as stored. A label map with a
+        ``.labels.json`` sidecar beside it carries that label table.
+
+    Raises
+    ------
+    UnsupportedFormatError
+        For a file type medseg does not read (the message lists the supported ones).
+    UnreadableFileError
+        For a missing, truncated or corrupt file (named).
+    DicomSeriesError
+        For DICOM folders that do not form one volume (several series, gaps, tilt, ...).
+    """
+    p = Path(path)
+    try:
+        volume = _load(p, series_uid=series_uid)
+    except MedsegError as exc:
+        raise _with_path(exc, p) from None
+    if modality is not None and volume.modality is None:
+        volume = Volume(volume.array, volume.affine, modality=modality.upper(), labels=volume.labels, source=volume.source)
+    return volume
+
+
+def _load(p: Path, *, series_uid: str | None) -> Volume:
+    from medseg.io import dicom
+
+    if not p.exists():
+        raise UnreadableFileError(f"{p}: no such file or folder.")
+    if p.is_dir():
+        return dicom.load_dicom_series(p, series_uid=series_uid)
+    if series_uid is not None:
+        log.warning("%s: series_uid is ignored for a single file", p)
+    if _suffix(p, _NIFTI):
+        volume = _load_nifti(p)
+    elif _suffix(p, _ITK):
+        volume = _load_itk(p)
+    elif p.suffix.lower() in (".dcm", ".dicom", ".ima", "") or dicom.is_dicom_file(p):
+        return dicom.load_dicom_file(p)
+    else:
+        raise UnsupportedFormatError(
+            f"{p}: unsupported file type {p.suffix!r}. medseg reads " + "; ".join(READ_FORMATS) + "."
+        )
+    sidecar = sidecar_path(p)
+    if sidecar.exists():
+        try:
+            table = LabelTable.load(sidecar)
+        except LabelTableError as exc:
+            log.warning("ignoring unreadable label table %s: %s", sidecar, exc)
+        else:
+            volume = Volume(volume.array, volume.affine, modality=volume.modality, labels=table, source=volume.source)
+    return volume
+
+
+def _load_nifti(p: Path) -> Volume:
+    import nibabel as nib
+
+    from medseg.io.convert import volume_from_nibabel
+
+    try:
+        img = nib.load(str(p))
+        if len(img.shape) > 5 or int(np.prod(img.shape, dtype=np.float64)) > 2**34:
+            raise UnreadableFileError(f"{p}: NIfTI header claims an impossible image shape {img.shape}.")
+        volume = volume_from_nibabel(img)
+    except MedsegError:
+        raise
+    except MemoryError:
+        raise UnreadableFileError(f"{p}: corrupt NIfTI (header claims more data than can exist).") from None
+    except Exception as exc:  # noqa: BLE001 - nibabel/gzip/zlib raise many types on corrupt input
+        raise UnreadableFileError(
+            f"{p}: truncated or corrupt NIfTI file ({type(exc).__name__}: {exc}). Re-export it."
+        ) from None
+    if not np.all(np.isfinite(img.affine)):
+        raise GeometryError(f"{p}: the NIfTI affine is not finite (corrupt sform/qform).")
+    return Volume(volume.array, volume.affine, source=SourceReferences(files=(str(p),)))
+
+
+def _load_itk(p: Path) -> Volume:
+    import SimpleITK as sitk
+
+    from medseg.io.convert import volume_from_sitk
+
+    try:
+        image = sitk.ReadImage(str(p))
+        volume = volume_from_sitk(image)
+    except MedsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ITK raises RuntimeError with C++ traces; keep the first line
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "ERROR" in line or "Exception" in line), first[0] if first else "")
+        raise UnreadableFileError(f"{p}: truncated or corrupt image file ({detail.strip()[:300]}).") from None
+    return Volume(volume.array, volume.affine, source=SourceReferences(files=(str(p),)))
+
+
+def label_dtype(array: np.ndarray) -> np.dtype:
+    """Smallest unsigned integer type (uint8 or uint16) that holds a label array.
+
+    Raises
+    ------
+    LabelTableError
+        If the array holds negative, fractional or >65535 values.
+    """
+    if array.size == 0:
+        return np.dtype(np.uint8)
+    lo, hi = array.min(), array.max()
+    if lo < 0 or hi > 65535 or (array.dtype.kind == "f" and not np.all(np.mod(array, 1) == 0)):
+        raise LabelTableError(
+            f"Label maps hold integers 0..65535; this one holds values in [{lo}, {hi}] of type {array.dtype}."
+        )
+    return np.dtype(np.uint8 if hi < 256 else np.uint16)
+
+
+def save_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
+    """Write a volume as NIfTI (.nii, .nii.gz), NRRD (.nrrd) or MetaImage (.mha), on its own world grid.
+
+    Label maps (``volume.labels`` set) are written as uint8/uint16 with the label table in a JSON sidecar
+    (``seg.nii.gz`` → ``seg.labels.json``). Files are written to a temporary name and renamed, so a failed write
+    never leaves a partial file.
+
+    Returns
+    -------
+    Path
+        The written image path.
+
+    Raises
+    ------
+    UnsupportedFormatError
+        For other suffixes.
+    UnreadableFileError
+        If the file cannot be written (folder missing, disk full, permissions).
+    """
+    p = Path(path)
+    suffix = _suffix(p, WRITE_SUFFIXES)
+    if suffix is None:
+        raise UnsupportedFormatError(
+            f"{p}: cannot write {p.suffix!r}; medseg writes " + ", ".join(WRITE_SUFFIXES) + " (DICOM SEG via medseg.io)."
+        )
+    if not p.parent.exists():
+        raise UnreadableFileError(f"{p}: folder {p.parent} does not exist.")
+    array = volume.array
+    if volume.labels is not None:
+        array = array.astype(label_dtype(array), copy=False)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    elif array.dtype == np.float64:
+        array = array.astype(np.float32)
+    out = Volume(array, volume.affine, modality=volume.modality, labels=volume.labels)
+    tmp = p.with_name(f".{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        if suffix in _NIFTI:
+            import nibabel as nib
+
+            nib.save(out.to_nibabel(), str(tmp))
+        else:
+            import SimpleITK as sitk
+
+            sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=True)
+        os.replace(tmp, p)
+        if volume.labels is not None:
+            side = sidecar_path(p)
+            side_tmp = side.with_name(side.name + ".tmp")
+            volume.labels.save(side_tmp)
+            os.replace(side_tmp, side)
+    except MedsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UnreadableFileError(f"{p}: could not write ({type(exc).__name__}: {exc}).") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p

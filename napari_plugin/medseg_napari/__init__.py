@@ -1,0 +1,1 @@
+"""napari plugin for medseg (npe2 manifest: napari.yaml)."""
