@@ -23,6 +23,15 @@ __all__ = [
     "GridMismatchError",
     "NotVolumetricError",
     "LabelTableError",
+    "ModelCardError",
+    "UnknownNetworkError",
+    "ModelNotFoundError",
+    "WeightsError",
+    "ChecksumMismatchError",
+    "UnsafeCheckpointError",
+    "CheckpointMismatchError",
+    "ModalityMismatchError",
+    "ChannelCountError",
 ]
 
 
@@ -84,3 +93,39 @@ class NotVolumetricError(MedsegError, ValueError):
 
 class LabelTableError(MedsegError, ValueError):
     """A label table is malformed or does not match a label volume."""
+
+
+class ModelCardError(MedsegError, ValueError):
+    """A model card (YAML) or a MONAI bundle's configs do not describe a runnable model."""
+
+
+class UnknownNetworkError(ModelCardError, LookupError):
+    """A model card names a network that MONAI does not provide (the message suggests the closest name)."""
+
+
+class ModelNotFoundError(MedsegError, LookupError):
+    """No model card, bundle or file matches the requested model name or path."""
+
+
+class WeightsError(MedsegError, ValueError):
+    """A weights file cannot be loaded into the model's network."""
+
+
+class ChecksumMismatchError(WeightsError):
+    """A weights file's sha256 differs from the one its model card records."""
+
+
+class UnsafeCheckpointError(WeightsError):
+    """A checkpoint holds pickled Python objects, which are refused (they can run code when loaded)."""
+
+
+class CheckpointMismatchError(WeightsError):
+    """A checkpoint's parameter names or shapes do not match the network built from the card."""
+
+
+class ModalityMismatchError(MedsegError, ValueError):
+    """A scan's modality is not one the model card accepts."""
+
+
+class ChannelCountError(MedsegError, ValueError):
+    """A volume has a different number of channels than the model expects."""
