@@ -530,24 +530,35 @@ def _sorted_stack(frames: list[_Frame], where: str) -> tuple[list[_Frame], np.nd
     return frames, normal, float((dist[-1] - dist[0]) / (len(frames) - 1))
 
 
-def _output_dtype(frames: Sequence[_Frame], rescale: bool) -> np.dtype:
-    bits_alloc, bits_stored, signed, spp, _ = frames[0].pixel_format
-    if spp != 1:
-        return np.dtype(np.float32)
-    if bits_alloc == 32 and "FloatPixelData" in frames[0].ds:
-        return np.dtype(np.float32)
-    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
-    if not rescale:
-        return np.result_type(np.min_scalar_type(lo), np.min_scalar_type(hi))
-    slopes = {f.slope for f in frames}
-    inters = {f.intercept for f in frames}
-    if slopes == {1.0} and all(float(i).is_integer() for i in inters):
-        lo2, hi2 = lo + min(inters), hi + max(inters)
-        for dt in (np.int16, np.int32):
-            info = np.iinfo(dt)
-            if info.min <= lo2 and hi2 <= info.max:
-                return np.dtype(dt)
-    return np.dtype(np.float32)
+def _rescale(raw: np.ndarray, frames: Sequence[_Frame]) -> np.ndarray:
+    """Apply RescaleSlope/Intercept to the stacked stored values (k, rows, columns).
+
+    An integer shift (slope 1, integral intercept) keeps integers: int16 when the shifted values fit, else int32.
+    Anything else gives float32.
+    """
+    slopes = np.array([f.slope for f in frames], dtype=np.float64)
+    inters = np.array([f.intercept for f in frames], dtype=np.float64)
+    if np.all(slopes == 1.0) and np.all(inters == 0.0):
+        return raw
+    if raw.dtype.kind in "iu" and np.all(slopes == 1.0) and np.all(inters == np.round(inters)):
+        lo, hi = float(raw.min()) + inters.min(), float(raw.max()) + inters.max()
+        target = next((np.dtype(t) for t in (np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max),
+                      None)
+        if target is not None:
+            out = raw if raw.dtype == target else raw.astype(target)
+            if np.all(inters == inters[0]):
+                out += target.type(inters[0])
+            else:
+                out += inters.astype(target)[:, None, None]
+            return out
+    out = raw.astype(np.float32)
+    if np.all(slopes == slopes[0]) and np.all(inters == inters[0]):
+        out *= np.float32(slopes[0])
+        out += np.float32(inters[0])
+    else:
+        out *= slopes.astype(np.float32)[:, None, None]
+        out += inters.astype(np.float32)[:, None, None]
+    return out
 
 
 def _raw_dtype(pixel_format: tuple[int, int, int, int, str]) -> np.dtype | None:
@@ -621,20 +632,13 @@ def _build_volume(frames: list[_Frame], where: str) -> Volume:
     if first.pixel_spacing is None:
         log.warning("%s: no PixelSpacing; assuming 1 mm pixels", where)
     modality = _str(first.ds, "Modality").upper() or None
-    rescale = modality != "MR"
-    dtype = _output_dtype(frames, rescale)
-    out = np.empty((len(frames), first.rows, first.columns), dtype=dtype)
     cache: dict[str, np.ndarray] = {}
-    for k, frame in enumerate(frames):
-        raw = _pixels(frame, cache)
-        if rescale and (frame.slope != 1.0 or frame.intercept != 0.0):
-            if frame.slope == 1.0:
-                np.add(raw, dtype.type(frame.intercept), out=out[k], casting="unsafe")
-            else:
-                np.multiply(raw, np.float32(frame.slope), out=out[k], casting="unsafe")
-                out[k] += np.float32(frame.intercept)
-        else:
-            out[k] = raw
+    raw0 = _pixels(frames[0], cache)
+    raw = np.empty((len(frames), first.rows, first.columns), dtype=raw0.dtype)
+    raw[0] = raw0
+    for k in range(1, len(frames)):
+        raw[k] = _pixels(frames[k], cache)  # a different decoded dtype is cast by the assignment
+    out = _rescale(raw, frames) if modality != "MR" else raw
     lps = np.eye(4)
     lps[:3, 0] = r * col_mm  # i runs along a row: column index, spaced by PixelSpacing[1]
     lps[:3, 1] = c * row_mm  # j runs down a column: row index, spaced by PixelSpacing[0]
