@@ -140,7 +140,7 @@ def volume_to_metatensor(volume: Volume) -> MetaTensor:
     if arr.dtype in (np.uint16, np.uint32):  # torch's unsigned types beyond uint8 support few operations
         arr = arr.astype(np.int32 if arr.dtype == np.uint16 else np.int64)
     arr = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
-    affine = torch.as_tensor(volume.affine, dtype=torch.float64)
+    affine = torch.tensor(np.array(volume.affine), dtype=torch.float64)
     meta: dict[str, Any] = {
         "affine": affine,
         "original_affine": affine.clone(),
