@@ -659,9 +659,10 @@ def _label_metrics(
     )
 
 
-def _rate(num: int, den: int, *, both_zero: float = 1.0) -> float:
+def _rate(num: int, den: int, *, nothing_anywhere: bool) -> float:
+    """``num / den``; a zero denominator follows the empty-mask rule (1 if both sides are empty, else 0)."""
     if den == 0:
-        return both_zero if num == 0 else 0.0
+        return 1.0 if nothing_anywhere else 0.0
     return num / den
 
 
@@ -756,8 +757,9 @@ def lesion_detection(
         )
     tp_ref = sum(1 for r in ref_to_pred if ref_to_pred[r])
     tp_pred = n_pred - len(fp_ids)
-    precision = _rate(tp_pred, n_pred)
-    recall = _rate(tp_ref, n_ref)
+    nothing = n_ref == 0 and n_pred == 0
+    precision = _rate(tp_pred, n_pred, nothing_anywhere=nothing)
+    recall = _rate(tp_ref, n_ref, nothing_anywhere=nothing)
     if n_ref == 0 and n_pred == 0:
         f1 = 1.0
     else:
