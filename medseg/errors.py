@@ -19,6 +19,7 @@ __all__ = [
     "InconsistentSeriesError",
     "DuplicateSlicesError",
     "GantryTiltError",
+    "DicomWriteError",
     "GeometryError",
     "GridMismatchError",
     "NotVolumetricError",
@@ -77,6 +78,10 @@ class DuplicateSlicesError(DicomSeriesError):
 
 class GantryTiltError(DicomSeriesError):
     """Slices are stacked along a direction that is not normal to them (tilted gantry)."""
+
+
+class DicomWriteError(MedsegError, ValueError):
+    """A volume cannot be written as a DICOM series (modality, pixel values, geometry, target folder)."""
 
 
 class GeometryError(MedsegError, ValueError):
