@@ -24,6 +24,7 @@ __all__ = [
     "GridMismatchError",
     "NotVolumetricError",
     "LabelTableError",
+    "ResultsLayoutError",
     "ModelCardError",
     "UnknownNetworkError",
     "ModelNotFoundError",
@@ -134,3 +135,7 @@ class ModalityMismatchError(MedsegError, ValueError):
 
 class ChannelCountError(MedsegError, ValueError):
     """A volume has a different number of channels than the model expects."""
+
+
+class ResultsLayoutError(MedsegError, ValueError):
+    """A results folder for a report does not have the documented layout (RESULTS_DIR/<case_id>/pred.*)."""
