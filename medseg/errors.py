@@ -34,6 +34,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ModalityMismatchError",
     "ChannelCountError",
+    "RegionError",
 ]
 
 
@@ -135,6 +136,14 @@ class ModalityMismatchError(MedsegError, ValueError):
 
 class ChannelCountError(MedsegError, ValueError):
     """A volume has a different number of channels than the model expects."""
+
+
+class RegionError(MedsegError, ValueError):
+    """A seed, box, window or mask given to an interactive tool does not fit the volume."""
+
+
+class DeviceError(MedsegError, ValueError):
+    """A requested compute device (e.g. CUDA) is not available on this machine."""
 
 
 class ResultsLayoutError(MedsegError, ValueError):

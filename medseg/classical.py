@@ -1,0 +1,842 @@
+"""Weight-free segmentation tools: the ``ct-basic`` model and interactive classical tools.
+
+Everything here is a function of a :class:`~medseg.volume.Volume` that returns a new Volume on the input's grid
+(same shape, same affine). Sizes are given in mm and mL, never voxels: the functions convert with the volume's
+spacing, so the same call gives the same physical result on a 0.7 mm or a 5 mm grid.
+
+``ct_basic``
+    body, left lung, right lung, airway (trachea and main bronchi) and bone of a CT, from Hounsfield-unit rules,
+    morphology and connected components (SimpleITK, scipy.ndimage, cc3d, scikit-image). Left and right are the
+    patient's, read from the affine (RAS: the patient's left is −x), never from array order.
+``region_grow`` / ``confidence_connected``
+    seeded region growing within an intensity window (SimpleITK ConnectedThreshold / ConfidenceConnected).
+``otsu_in_box``
+    Otsu threshold of the voxels inside a box.
+``watershed_split``
+    splits touching objects of a mask at the necks of their mm distance map.
+``remove_islands``
+    drops connected components smaller than a volume in mL.
+
+See ``docs/classical.md`` for the rules, thresholds and limitations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from medseg.errors import ModalityMismatchError, RegionError
+from medseg.labels import Label, LabelTable
+from medseg.volume import Volume
+
+__all__ = [
+    "CT_BASIC_LABELS",
+    "REGION_LABELS",
+    "CtBasicConfig",
+    "confidence_connected",
+    "ct_basic",
+    "otsu_in_box",
+    "otsu_threshold_in_box",
+    "region_grow",
+    "remove_islands",
+    "watershed_split",
+]
+
+log = logging.getLogger(__name__)
+
+#: Labels written by :func:`ct_basic`.
+CT_BASIC_LABELS = LabelTable(
+    [
+        Label(1, "body", (177, 122, 101), "other"),
+        Label(2, "lung_left", (128, 174, 128), "organ"),
+        Label(3, "lung_right", (111, 184, 210), "organ"),
+        Label(4, "airway", (0, 151, 206), "organ"),
+        Label(5, "bone", (241, 214, 145), "organ"),
+    ]
+)
+
+_BODY, _LUNG_LEFT, _LUNG_RIGHT, _AIRWAY, _BONE = 1, 2, 3, 4, 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ct-basic
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CtBasicConfig:
+    """Rules of :func:`ct_basic`. Intensities in HU, sizes in mm and mL.
+
+    Attributes
+    ----------
+    working_spacing_mm : float or None
+        Morphology and connected components run on a grid coarsened by whole-voxel block averaging to about this
+        spacing (never finer than the input); the result is mapped back to the input grid and its boundaries are
+        re-thresholded there. ``None`` works on the input grid (slower, the benchmark's baseline).
+    body_min_hu : float
+        Tissue of the body is above this; outside air is below.
+    body_opening_mm : float
+        Opening radius that detaches the table, blankets and cables from the body.
+    lung_max_hu : float
+        Lung parenchyma (and air) is below this.
+    lung_min_ml : float
+        A low-density component inside the body smaller than this is not a lung.
+    lung_min_median_hu : float
+        Gas in the bowel is air (median ≈ −1000 HU); aerated lung is a mixture of air and tissue with a median
+        above this.
+    airway_seed_max_hu : float
+        The trachea is looked for as air below this inside the body, in the top slices holding lung.
+    airway_max_ml : float
+        Region growing of the airway stops before its volume exceeds this (leakage into the lungs).
+    bone_min_hu : float
+        Cortical bone is above this.
+    bone_min_ml : float
+        Dense components smaller than this (calcifications, contrast specks) are not bone.
+    bone_closing_mm : float
+        Closing radius that bridges gaps in the cortex before the marrow is filled in-plane.
+    """
+
+    working_spacing_mm: float | None = 2.0
+    body_min_hu: float = -500.0
+    body_opening_mm: float = 4.0
+    lung_max_hu: float = -400.0
+    lung_min_ml: float = 20.0
+    lung_min_median_hu: float = -975.0
+    airway_seed_max_hu: float = -900.0
+    airway_max_ml: float = 250.0
+    bone_min_hu: float = 200.0
+    bone_min_ml: float = 0.5
+    bone_closing_mm: float = 3.0
+
+
+def _check_ct(volume: Volume, operation: str) -> None:
+    modality = (volume.modality or "").upper()
+    if modality and modality != "CT":
+        raise ModalityMismatchError(
+            f"{operation} works on CT in Hounsfield units; this volume's modality is {volume.modality!r}. "
+            "Use a model made for that modality instead."
+        )
+    volume.require_3d(operation)
+    if not modality:
+        lo = float(np.min(volume.array))
+        if lo > -200:
+            raise ModalityMismatchError(
+                f"{operation} needs CT intensities in HU; this volume has no modality and its lowest value is "
+                f"{lo:g}, while a CT holds air (≈ −1000 HU) or fat (≈ −100 HU). If it is a CT stored without its "
+                "rescale slope/intercept, convert it to HU first; otherwise it is not a CT."
+            )
+
+
+def _factors(spacing: Sequence[float], target_mm: float | None) -> tuple[int, int, int]:
+    if target_mm is None:
+        return (1, 1, 1)
+    return tuple(max(1, round(target_mm / s)) for s in spacing)  # type: ignore[return-value]
+
+
+def _block_mean(a: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
+    if f == (1, 1, 1):
+        return a.astype(np.float32, copy=False)
+    pad = [(0, (-n) % fi) for n, fi in zip(a.shape, f)]
+    if any(p[1] for p in pad):
+        a = np.pad(a, pad, mode="edge")
+    s = a.shape
+    out = a.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2]).astype(np.float32)
+    return out.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def _upsample(m: np.ndarray, f: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
+    if f == (1, 1, 1):
+        return m
+    for ax, fi in enumerate(f):
+        if fi > 1:
+            m = np.repeat(m, fi, axis=ax)
+    return m[: shape[0], : shape[1], : shape[2]]
+
+
+def _radius_vox(radius_mm: float, spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Half-widths in voxels of a box reaching ``radius_mm`` along each axis (at least 1 voxel if radius > 0)."""
+    if radius_mm <= 0:
+        return (0, 0, 0)
+    return tuple(max(1, int(np.floor(radius_mm / s + 1e-6))) for s in spacing)  # type: ignore[return-value]
+
+
+def _erode(m: np.ndarray, r: Sequence[int]) -> np.ndarray:
+    """Binary erosion by a box of half-widths ``r`` (separable; the outside of the array copies its edge)."""
+    import scipy.ndimage as ndi
+
+    a = m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.uint8)
+    for ax, ri in enumerate(r):
+        if ri > 0:
+            a = ndi.minimum_filter1d(a, 2 * ri + 1, axis=ax, mode="nearest")
+    return a.astype(bool)
+
+
+def _dilate(m: np.ndarray, r: Sequence[int]) -> np.ndarray:
+    """Binary dilation by a box of half-widths ``r`` (separable)."""
+    import scipy.ndimage as ndi
+
+    a = m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.uint8)
+    for ax, ri in enumerate(r):
+        if ri > 0:
+            a = ndi.maximum_filter1d(a, 2 * ri + 1, axis=ax, mode="nearest")
+    return a.astype(bool)
+
+
+def _fill_holes_in_plane(m: np.ndarray, axial: int) -> np.ndarray:
+    """Fill holes slice by slice across ``axial``: background not 4-connected to the slice's edge becomes True."""
+    import cc3d
+
+    out = np.array(m, dtype=bool, copy=True)
+    for k in range(m.shape[axial]):
+        sl = np.take(out, k, axis=axial)
+        if not sl.any():
+            continue
+        lab = cc3d.connected_components(~sl, connectivity=4)
+        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        hole = np.ones(int(lab.max()) + 1, dtype=bool)
+        hole[border] = False
+        hole[0] = False
+        idx: list[Any] = [slice(None)] * 3
+        idx[axial] = k
+        out[tuple(idx)] = sl | hole[lab]
+    return out
+
+
+def _components(m: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    import cc3d
+
+    lab, n = cc3d.connected_components(m, connectivity=connectivity, return_N=True)  # type: ignore[call-overload]
+    return np.asarray(lab), int(n)
+
+
+def _axial_axis(volume: Volume) -> int:
+    return int(np.argmax(np.abs(volume.direction[2, :])))
+
+
+def _superior_sign(volume: Volume, axial: int) -> int:
+    """+1 if the index along ``axial`` grows towards the head, else −1."""
+    return 1 if volume.affine[2, axial] > 0 else -1
+
+
+def _body(c: np.ndarray, spacing: Sequence[float], axial: int, cfg: CtBasicConfig) -> np.ndarray:
+    """The largest tissue component, plus big ones holding fat (arms), slice-wise hole-filled."""
+    m = c > cfg.body_min_hu
+    r = _radius_vox(cfg.body_opening_mm, spacing)
+    m = _dilate(_erode(m, r), r)
+    lab, n = _components(m)
+    if n == 0:
+        return m
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    largest = int(np.argmax(sizes))
+    fat = np.bincount(lab.ravel(), weights=((c > -150) & (c < -50)).ravel(), minlength=n + 1)
+    keep = (sizes >= 0.05 * sizes[largest]) & (fat >= 0.05 * np.maximum(sizes, 1))
+    keep[largest] = True
+    keep[0] = False
+    return _fill_holes_in_plane(keep[lab], axial)
+
+
+def _airway(
+    c: np.ndarray, body: np.ndarray, low: np.ndarray, spacing: Sequence[float], axial: int, sup: int,
+    voxel_ml: float, cfg: CtBasicConfig,
+) -> np.ndarray:
+    """Trachea and main bronchi: seed a round air tube in the top lung slices, grow with leakage control."""
+    import scipy.ndimage as ndi
+
+    empty = np.zeros_like(body)
+    air = (c < cfg.airway_seed_max_hu) & body
+    n_slices = c.shape[axial]
+    order = range(n_slices - 1, -1, -1) if sup > 0 else range(n_slices)
+    in_plane = [s for ax, s in enumerate(spacing) if ax != axial]
+    px_mm2 = float(in_plane[0] * in_plane[1])
+    has_low = np.asarray(np.moveaxis(low, axial, -1).reshape(-1, n_slices).any(axis=0))
+    seed: tuple[int, ...] | None = None
+    checked = 0
+    for k in order:
+        if not has_low[k]:
+            continue
+        checked += 1
+        if checked > max(3, round(40.0 / spacing[axial])):  # look in the top 4 cm of the lungs only
+            break
+        sl = np.take(air, k, axis=axial)
+        body_sl = np.take(body, k, axis=axial)
+        if not body_sl.any():
+            continue
+        lab, n = ndi.label(sl)
+        if n == 0:
+            continue
+        idx = np.arange(1, n + 1)
+        areas = ndi.sum(sl, lab, idx) * px_mm2
+        coms = ndi.center_of_mass(sl, lab, idx)
+        body_com = np.array(ndi.center_of_mass(body_sl))
+        body_extent = np.ptp(np.argwhere(body_sl), axis=0) * np.array(in_plane)
+        best = None
+        for i, (area, com) in enumerate(zip(areas, coms)):
+            if not 50.0 <= area <= 700.0:
+                continue
+            off_mm = np.abs((np.array(com) - body_com) * np.array(in_plane))
+            # Central in the body (both in-plane directions: the trachea is near the middle of the neck/chest).
+            if np.any(off_mm > 0.25 * body_extent + 10.0):
+                continue
+            score = float(np.sum(off_mm))
+            if best is None or score < best[0]:
+                best = (score, i + 1)
+        if best is not None:
+            pos = np.argwhere(lab == best[1])[0]
+            full = list(pos)
+            full.insert(axial, k)
+            seed = tuple(int(v) for v in full)
+            break
+    if seed is None:
+        return empty
+    # Grow from the seed with rising thresholds; keep the last one before a leak (volume jump or too large).
+    prev: np.ndarray | None = None
+    prev_ml = 0.0
+    for t in np.arange(cfg.airway_seed_max_hu - 50.0, cfg.airway_seed_max_hu + 101.0, 25.0):
+        cand = (c < t) & body
+        lab, _ = _components(cand, 6)
+        region = lab == lab[seed]
+        ml = float(region.sum() * voxel_ml)
+        if ml > cfg.airway_max_ml or (prev is not None and ml > 2.0 * prev_ml + 5.0):
+            break
+        prev, prev_ml = region, ml
+    if prev is None:
+        return empty
+    return prev
+
+
+def _split_two(m: np.ndarray, spacing: Sequence[float], min_vox: int) -> np.ndarray:
+    """Labels 1..n of ``m``, eroding until one big component falls apart into two (lungs joined at the front)."""
+    import scipy.ndimage as ndi
+    from skimage.segmentation import watershed
+
+    lab, _ = _components(m)
+    sizes = np.bincount(lab.ravel())[1:]
+    big = np.flatnonzero(sizes >= min_vox) + 1
+    if len(big) != 1:
+        return lab
+    comp = lab == big[0]
+    eroded = comp
+    for _ in range(8):
+        eroded = _erode(eroded, (1, 1, 1))
+        elab, en = _components(eroded)
+        if en < 2:
+            continue
+        esizes = np.bincount(elab.ravel())[1:]
+        top = np.argsort(esizes)[::-1][:2]
+        if esizes[top[1]] >= 0.15 * esizes[top[0]]:
+            markers = np.zeros(m.shape, dtype=np.int32)
+            markers[elab == top[0] + 1] = 1
+            markers[elab == top[1] + 1] = 2
+            dist = ndi.distance_transform_edt(comp, sampling=spacing)
+            split = watershed(-dist, markers, mask=comp)
+            out = lab.copy()
+            out[comp] = 0
+            nxt = int(lab.max()) + 1
+            out[split == 1] = big[0]
+            out[split == 2] = nxt
+            return out
+    return lab
+
+
+def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
+    """Body, left/right lung, airway and bone of a CT from HU rules, morphology and connected components.
+
+    Parameters
+    ----------
+    volume : Volume, shape (I, J, K)
+        A CT in Hounsfield units (modality ``"CT"``, or unset with HU-like values), any orientation and spacing.
+    config : CtBasicConfig, optional
+        Thresholds and sizes; the defaults are documented in ``docs/classical.md``.
+
+    Returns
+    -------
+    Volume, shape (I, J, K), uint8
+        On the input grid, labelled with :data:`CT_BASIC_LABELS`: 1 body, 2 lung_left, 3 lung_right, 4 airway,
+        5 bone; 0 outside the body. Lungs and airway are empty when the scan holds no lung (an abdomen crop).
+
+    Raises
+    ------
+    ModalityMismatchError
+        If the volume is not a CT (e.g. MR), or has no modality and does not hold HU values.
+    NotVolumetricError
+        If the volume is a single slice.
+    """
+    import scipy.ndimage as ndi
+
+    cfg = config or CtBasicConfig()
+    _check_ct(volume, "ct-basic")
+    a = volume.array
+    shape = volume.shape
+    f = _factors(volume.spacing_mm, cfg.working_spacing_mm)
+    spacing = tuple(s * fi for s, fi in zip(volume.spacing_mm, f))
+    voxel_ml = volume.voxel_volume_ml * f[0] * f[1] * f[2]
+    axial = _axial_axis(volume)
+    sup = _superior_sign(volume, axial)
+    c = _block_mean(a, f)
+    log.debug("ct-basic: working grid %s (block %s) from %s", c.shape, f, shape)
+
+    body = _body(c, spacing, axial, cfg)
+
+    # Low density inside the body: lungs, airway, bowel gas.
+    low = (c < cfg.lung_max_hu) & body
+    low_lab, n_low = _components(low)
+    keep = np.zeros(n_low + 1, dtype=bool)
+    if n_low:
+        sizes = np.bincount(low_lab.ravel(), minlength=n_low + 1)
+        cand = np.flatnonzero(sizes[1:] * voxel_ml >= cfg.lung_min_ml) + 1
+        if len(cand):
+            med = ndi.median(c, low_lab, cand)
+            keep[cand[np.asarray(med) > cfg.lung_min_median_hu]] = True
+    lungish = keep[low_lab]
+
+    airway = _airway(c, body, lungish, spacing, axial, sup, voxel_ml, cfg) if lungish.any() else np.zeros_like(body)
+    lungs = lungish & ~_dilate(airway, (1, 1, 1))
+    lungs = _dilate(_erode(lungs, (1, 1, 1)), (1, 1, 1)) & lungs
+    min_vox = max(1, int(np.ceil(cfg.lung_min_ml / voxel_ml)))
+    lung_lab = _split_two(lungs, spacing, min_vox) if lungs.any() else np.zeros(c.shape, dtype=np.int32)
+
+    # Assign each big component to the patient's left or right by its world x (RAS: left is −x).
+    lung_left = np.zeros_like(body)
+    lung_right = np.zeros_like(body)
+    if lung_lab.any():
+        coarse_affine = volume.affine.copy()
+        coarse_affine[:3, :3] = volume.affine[:3, :3] * np.asarray(f)
+        coarse_affine[:3, 3] = volume.world_mm((np.asarray(f) - 1) / 2.0)
+        body_x = float(coarse_affine[0, :3] @ np.argwhere(body).mean(axis=0) + coarse_affine[0, 3])
+        sizes = np.bincount(lung_lab.ravel())
+        for comp_value in np.flatnonzero(sizes >= min_vox):
+            if comp_value == 0:
+                continue
+            comp = lung_lab == comp_value
+            x = float(coarse_affine[0, :3] @ np.argwhere(comp).mean(axis=0) + coarse_affine[0, 3])
+            if x < body_x:
+                lung_left |= comp
+            else:
+                lung_right |= comp
+        lung_left = _fill_holes_in_plane(lung_left, axial)
+        lung_right = _fill_holes_in_plane(lung_right, axial) & ~lung_left
+
+    # Bone: dense, inside the body, big enough; marrow filled in-plane.
+    dense = (c > cfg.bone_min_hu) & body
+    bone_lab, n_bone = _components(dense)
+    if n_bone:
+        bsizes = np.bincount(bone_lab.ravel())
+        ok = bsizes * voxel_ml >= cfg.bone_min_ml
+        ok[0] = False
+        bone = ok[bone_lab]
+        r = _radius_vox(cfg.bone_closing_mm, spacing)
+        bone = _fill_holes_in_plane(_erode(_dilate(bone, r), r), axial)
+    else:
+        bone = np.zeros_like(body)
+
+    # Back to the input grid: coarse regions, boundaries re-thresholded on the input voxels.
+    out = np.zeros(shape, dtype=np.uint8)
+    if f == (1, 1, 1):
+        body_f = body
+        bone_f = bone
+    else:
+        inner = _erode(body, (1, 1, 1))
+        outer = _dilate(body, (1, 1, 1))
+        body_f = _upsample(inner, f, shape) | (_upsample(outer, f, shape) & (a > cfg.body_min_hu))
+        bone_inner = _erode(bone, (1, 1, 1))
+        bone_outer = _dilate(bone, (1, 1, 1))
+        bone_f = _upsample(bone_inner, f, shape) | (_upsample(bone_outer, f, shape) & (a > cfg.bone_min_hu))
+    out[body_f] = _BODY
+    out[bone_f & body_f] = _BONE
+    for mask, value in ((lung_left, _LUNG_LEFT), (lung_right, _LUNG_RIGHT), (airway, _AIRWAY)):
+        if mask.any():
+            out[_upsample(mask, f, shape)] = value
+    return volume.with_array(out, labels=CT_BASIC_LABELS, modality=volume.modality)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interactive tools
+# ---------------------------------------------------------------------------------------------------------------
+#: Label table of a single-region mask returned by the interactive tools.
+REGION_LABELS = LabelTable([Label(1, "region", (255, 200, 0), "organ")])
+
+Connectivity = Literal[6, 18, 26]
+
+
+def _require_scalar(volume: Volume, operation: str) -> np.ndarray:
+    arr = volume.array
+    if arr.ndim != 3:
+        raise RegionError(
+            f"{operation} needs a scalar volume (I, J, K); got array shape {arr.shape}. Pick one channel first, "
+            "e.g. volume.with_array(volume.array[..., 0])."
+        )
+    return arr
+
+
+def _seed_list(volume: Volume, seed_ijk: Any, operation: str) -> list[tuple[int, int, int]]:
+    """Validated integer seeds as a list of (i, j, k)."""
+    try:
+        seeds = np.asarray(seed_ijk, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RegionError(f"{operation}: seed_ijk must be (i, j, k) or a list of (i, j, k), not {seed_ijk!r}.") from None
+    if seeds.ndim == 1:
+        seeds = seeds[None, :]
+    if seeds.ndim != 2 or seeds.shape[1] != 3 or len(seeds) == 0:
+        raise RegionError(
+            f"{operation}: seed_ijk must be (i, j, k) or a list of (i, j, k) voxel indices, not an array of shape "
+            f"{np.asarray(seed_ijk).shape}."
+        )
+    if not np.all(np.isfinite(seeds)) or not np.all(seeds == np.round(seeds)):
+        raise RegionError(f"{operation}: seed indices must be whole numbers, got {seeds.tolist()}.")
+    shape = np.asarray(volume.shape)
+    for s in seeds:
+        if np.any(s < 0) or np.any(s >= shape):
+            raise RegionError(
+                f"{operation}: seed (i, j, k) = {tuple(int(v) for v in s)} lies outside the volume; valid indices "
+                f"are 0..{shape[0] - 1}, 0..{shape[1] - 1}, 0..{shape[2] - 1} ({volume.describe_grid()}). "
+                "Convert world positions with volume.voxel_ijk(xyz) and round."
+            )
+    return [tuple(int(v) for v in s) for s in seeds]  # type: ignore[misc]
+
+
+def _from_itk_mask(image: Any, volume: Volume) -> Volume:
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    return volume.with_array((arr > 0).astype(np.uint8), labels=REGION_LABELS)
+
+
+def _itk_scalar(arr: np.ndarray) -> Any:
+    import SimpleITK as sitk
+
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype not in (np.uint8, np.int8, np.uint16, np.int16, np.int32, np.uint32, np.float32, np.float64):
+        arr = arr.astype(np.float32)
+    # Index (x, y, z) of the ITK image is (i, j, k) of the array: no geometry is needed for these filters.
+    return sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+
+
+def region_grow(
+    volume: Volume,
+    seed_ijk: Any,
+    *,
+    lower: float,
+    upper: float,
+    connectivity: Literal["face", "full"] = "face",
+) -> Volume:
+    """Voxels connected to the seed(s) whose values lie in ``[lower, upper]`` (SimpleITK ConnectedThreshold).
+
+    Parameters
+    ----------
+    volume : Volume, shape (I, J, K)
+        Scalar image, e.g. a CT in HU.
+    seed_ijk : array-like, shape (3,) or (N, 3)
+        Voxel index (i, j, k) of one seed, or several seeds.
+    lower, upper : float
+        Inclusive intensity window in the volume's units (HU for CT).
+    connectivity : {"face", "full"}
+        Neighbours sharing a face (6) or also an edge or corner (26).
+
+    Returns
+    -------
+    Volume, shape (I, J, K), uint8
+        1 inside the region, on the input grid, labelled with :data:`REGION_LABELS`.
+
+    Raises
+    ------
+    RegionError
+        If a seed is outside the volume, ``lower > upper``, no seed's value lies in the window, or the volume has
+        channels.
+    """
+    import SimpleITK as sitk
+
+    arr = _require_scalar(volume, "region_grow")
+    seeds = _seed_list(volume, seed_ijk, "region_grow")
+    if not lower <= upper:
+        raise RegionError(f"region_grow: lower ({lower:g}) must not exceed upper ({upper:g}).")
+    values = [float(arr[s]) for s in seeds]
+    if not any(lower <= v <= upper for v in values):
+        raise RegionError(
+            f"region_grow: no seed lies inside the window [{lower:g}, {upper:g}]; seed values are "
+            f"{[round(v, 2) for v in values]}. Widen the window or move the seed."
+        )
+    conn = (
+        sitk.ConnectedThresholdImageFilter.FaceConnectivity
+        if connectivity == "face"
+        else sitk.ConnectedThresholdImageFilter.FullConnectivity
+    )
+    out = sitk.ConnectedThreshold(
+        _itk_scalar(arr), seedList=seeds, lower=float(lower), upper=float(upper), replaceValue=1, connectivity=conn
+    )
+    return _from_itk_mask(out, volume)
+
+
+def confidence_connected(
+    volume: Volume,
+    seed_ijk: Any,
+    *,
+    multiplier: float = 2.5,
+    iterations: int = 4,
+    initial_radius_mm: float = 3.0,
+) -> Volume:
+    """Region growing whose window is the mean ± ``multiplier`` standard deviations of the region so far.
+
+    The first estimate comes from the voxels within ``initial_radius_mm`` of each seed (an ellipsoid in mm, so
+    the same on any spacing); each of ``iterations`` rounds re-estimates mean and standard deviation from the
+    grown region (SimpleITK ConfidenceConnected).
+
+    Parameters
+    ----------
+    volume : Volume, shape (I, J, K)
+        Scalar image.
+    seed_ijk : array-like, shape (3,) or (N, 3)
+        Voxel index (i, j, k) of one seed, or several seeds.
+    multiplier : float
+        Half-width of the window in standard deviations (> 0).
+    iterations : int
+        Re-estimation rounds (≥ 0).
+    initial_radius_mm : float
+        Radius in mm of the neighbourhood that gives the first mean and standard deviation (≥ 0).
+
+    Returns
+    -------
+    Volume, shape (I, J, K), uint8
+        1 inside the region, on the input grid, labelled with :data:`REGION_LABELS`.
+
+    Raises
+    ------
+    RegionError
+        If a seed is outside the volume, a parameter is out of range, or the volume has channels.
+    """
+    import SimpleITK as sitk
+
+    arr = _require_scalar(volume, "confidence_connected")
+    seeds = _seed_list(volume, seed_ijk, "confidence_connected")
+    if not multiplier > 0 or iterations < 0 or not initial_radius_mm >= 0:
+        raise RegionError(
+            "confidence_connected: multiplier must be > 0, iterations ≥ 0 and initial_radius_mm ≥ 0; got "
+            f"{multiplier!r}, {iterations!r}, {initial_radius_mm!r}."
+        )
+    spacing = np.asarray(volume.spacing_mm)
+    r = np.floor(initial_radius_mm / spacing + 1e-9).astype(int)
+    offsets = np.stack(
+        np.meshgrid(*[np.arange(-ri, ri + 1) for ri in r], indexing="ij"), axis=-1
+    ).reshape(-1, 3)
+    offsets = offsets[np.sum((offsets * spacing) ** 2, axis=1) <= initial_radius_mm**2 + 1e-9]
+    shape = np.asarray(volume.shape)
+    neighbourhood = np.unique((np.asarray(seeds)[:, None, :] + offsets[None]).reshape(-1, 3), axis=0)
+    neighbourhood = neighbourhood[np.all((neighbourhood >= 0) & (neighbourhood < shape), axis=1)]
+    out = sitk.ConfidenceConnected(
+        _itk_scalar(arr),
+        seedList=[tuple(int(v) for v in s) for s in neighbourhood],
+        numberOfIterations=int(iterations),
+        multiplier=float(multiplier),
+        initialNeighborhoodRadius=0,
+        replaceValue=1,
+    )
+    return _from_itk_mask(out, volume)
+
+
+BoxIJK = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def _box_slices(volume: Volume, box_ijk: Any, operation: str) -> tuple[slice, slice, slice]:
+    try:
+        box = np.asarray(box_ijk, dtype=np.float64)
+    except (TypeError, ValueError):
+        box = np.zeros(0)
+    if box.shape != (3, 2) or not np.all(np.isfinite(box)) or not np.all(box == np.round(box)):
+        raise RegionError(
+            f"{operation}: box_ijk must be ((i_start, i_stop), (j_start, j_stop), (k_start, k_stop)) in whole "
+            f"voxel indices (stop excluded, as in Python slices), not {box_ijk!r}."
+        )
+    b = box.astype(int)
+    for ax, ((start, stop), n, name) in enumerate(zip(b, volume.shape, "ijk")):
+        if start < 0 or stop > n:
+            raise RegionError(
+                f"{operation}: box {name} range [{start}, {stop}) reaches outside the volume (0..{n}); "
+                f"the grid is {volume.describe_grid()}."
+            )
+        if stop <= start:
+            raise RegionError(
+                f"{operation}: box is empty along {name} ([{start}, {stop}) holds no voxel); give stop > start."
+            )
+    return tuple(slice(int(s), int(e)) for s, e in b)  # type: ignore[return-value]
+
+
+def otsu_threshold_in_box(volume: Volume, box_ijk: Any) -> float:
+    """Otsu's threshold of the voxel values inside a box, in the volume's units.
+
+    Parameters
+    ----------
+    volume : Volume, shape (I, J, K)
+        Scalar image.
+    box_ijk : ((i_start, i_stop), (j_start, j_stop), (k_start, k_stop))
+        Voxel index ranges, stop excluded.
+
+    Returns
+    -------
+    float
+        Values above it are the bright class.
+
+    Raises
+    ------
+    RegionError
+        If the box is malformed, empty or outside the volume, or holds a single value.
+    """
+    from skimage.filters import threshold_otsu
+
+    arr = _require_scalar(volume, "otsu_in_box")
+    values = arr[_box_slices(volume, box_ijk, "otsu_in_box")].ravel()
+    lo, hi = float(values.min()), float(values.max())
+    if lo == hi:
+        raise RegionError(
+            f"otsu_in_box: every voxel in the box has the value {lo:g}; Otsu needs two intensity classes. "
+            "Draw a box that holds both the object and its background."
+        )
+    return float(threshold_otsu(values))
+
+
+def otsu_in_box(volume: Volume, box_ijk: Any, *, foreground: Literal["bright", "dark"] = "bright") -> Volume:
+    """Voxels inside a box on the object's side of the box's Otsu threshold.
+
+    Parameters
+    ----------
+    volume : Volume, shape (I, J, K)
+        Scalar image.
+    box_ijk : ((i_start, i_stop), (j_start, j_stop), (k_start, k_stop))
+        Voxel index ranges, stop excluded; a box one voxel thick works on one slice.
+    foreground : {"bright", "dark"}
+        Whether the object is above (bright) or at or below (dark) the threshold.
+
+    Returns
+    -------
+    Volume, shape (I, J, K), uint8
+        1 for object voxels inside the box, 0 elsewhere; on the input grid, labelled with :data:`REGION_LABELS`.
+
+    Raises
+    ------
+    RegionError
+        If the box is malformed, empty or outside the volume, or holds a single value.
+    """
+    if foreground not in ("bright", "dark"):
+        raise RegionError(f"otsu_in_box: foreground must be 'bright' or 'dark', not {foreground!r}.")
+    threshold = otsu_threshold_in_box(volume, box_ijk)
+    sl = _box_slices(volume, box_ijk, "otsu_in_box")
+    inside = volume.array[sl]
+    out = np.zeros(volume.shape, dtype=np.uint8)
+    out[sl] = (inside > threshold) if foreground == "bright" else (inside <= threshold)
+    log.debug("otsu_in_box: threshold %.4g, %d voxels", threshold, int(out.sum()))
+    return volume.with_array(out, labels=REGION_LABELS)
+
+
+def _mask_of(mask_volume: Volume, operation: str) -> np.ndarray:
+    arr = _require_scalar(mask_volume, operation)
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise RegionError(
+            f"{operation} needs a mask or label volume of integers or booleans; got dtype {arr.dtype}. "
+            "Threshold it first, e.g. volume.with_array((volume.array > 0.5).astype('uint8'))."
+        )
+    return arr
+
+
+def watershed_split(mask_volume: Volume, *, min_distance_mm: float) -> Volume:
+    """Split touching objects of a mask into instances at the necks of its distance map.
+
+    The distance to the background is measured in mm with the volume's (anisotropic) spacing; its local maxima
+    that are the highest within ``min_distance_mm`` become markers (adjacent maxima of a plateau are one
+    marker), and a watershed of the negated distance grows them back to fill the mask (scikit-image).
+
+    Parameters
+    ----------
+    mask_volume : Volume, shape (I, J, K)
+        Mask or label map; every non-zero voxel is foreground.
+    min_distance_mm : float
+        Two object centres closer than this stay one object (> 0). About the radius of the smallest object to
+        keep separate.
+
+    Returns
+    -------
+    Volume, shape (I, J, K), uint16
+        Instances numbered 1..N on the input grid, labelled ``lesion_1``..``lesion_N`` (kind "lesion"); N = 0
+        for an empty mask.
+
+    Raises
+    ------
+    RegionError
+        If ``min_distance_mm`` is not positive, the volume is not an integer/boolean mask, or N > 65535.
+    """
+    import scipy.ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    if not min_distance_mm > 0:
+        raise RegionError(f"watershed_split: min_distance_mm must be > 0, not {min_distance_mm!r}.")
+    mask = _mask_of(mask_volume, "watershed_split") != 0
+    if not mask.any():
+        return mask_volume.with_array(np.zeros(mask.shape, dtype=np.uint16), labels=LabelTable([]))
+    spacing = np.asarray(mask_volume.spacing_mm)
+    dist = ndi.distance_transform_edt(mask, sampling=spacing)
+    r = np.floor(min_distance_mm / spacing + 1e-9).astype(int)
+    grid = np.ogrid[tuple(slice(-ri, ri + 1) for ri in r)]
+    footprint = sum((g * s) ** 2 for g, s in zip(grid, spacing)) <= min_distance_mm**2 + 1e-9
+    comps, n_comps = _components(mask)
+    peaks = peak_local_max(dist, footprint=np.asarray(footprint), labels=comps, exclude_border=False)
+    peak_mask = np.zeros(mask.shape, dtype=bool)
+    peak_mask[tuple(peaks.T)] = True
+    # A component without a peak (cannot happen with a finite footprint, but cheap to guarantee) gets its maximum.
+    have = np.zeros(n_comps + 1, dtype=bool)
+    have[comps[peak_mask]] = True
+    for c in np.flatnonzero(~have[1:]) + 1:
+        idx = np.argmax(np.where(comps == c, dist, -1.0))
+        peak_mask[np.unravel_index(idx, mask.shape)] = True
+    markers, n = _components(peak_mask)
+    if n > 65535:
+        raise RegionError(f"watershed_split: {n} instances is more than a uint16 label map holds; raise min_distance_mm.")
+    split = watershed(-dist, markers, mask=mask)
+    # Number instances 1..N in order of first appearance along the array.
+    present = np.unique(split[split > 0])
+    lut = np.zeros(int(split.max()) + 1, dtype=np.uint16)
+    lut[present] = np.arange(1, len(present) + 1, dtype=np.uint16)
+    out = lut[split]
+    table = LabelTable.from_names({v: f"lesion_{v}" for v in range(1, len(present) + 1)},
+                                  lesions=[f"lesion_{v}" for v in range(1, len(present) + 1)])
+    return mask_volume.with_array(out, labels=table)
+
+
+def remove_islands(mask_volume: Volume, *, min_ml: float, connectivity: Connectivity = 26) -> Volume:
+    """Drop connected components smaller than ``min_ml`` mL, label by label.
+
+    Parameters
+    ----------
+    mask_volume : Volume, shape (I, J, K)
+        Mask or label map (integers or booleans); each label value is cleaned on its own.
+    min_ml : float
+        Components with a volume below this (voxel count × voxel volume) become background (≥ 0).
+    connectivity : {6, 18, 26}
+        Voxel neighbourhood that makes a component.
+
+    Returns
+    -------
+    Volume, shape (I, J, K)
+        Same dtype, labels and grid as the input, with the small components set to 0.
+
+    Raises
+    ------
+    RegionError
+        If ``min_ml`` is negative, ``connectivity`` is not 6, 18 or 26, or the volume is not an integer mask.
+    """
+    import cc3d
+
+    if not min_ml >= 0:
+        raise RegionError(f"remove_islands: min_ml must be ≥ 0, not {min_ml!r}.")
+    if connectivity not in (6, 18, 26):
+        raise RegionError(f"remove_islands: connectivity must be 6, 18 or 26, not {connectivity!r}.")
+    arr = _mask_of(mask_volume, "remove_islands")
+    work = arr.astype(np.uint8) if arr.dtype == np.bool_ else arr
+    lab, n = cc3d.connected_components(work, connectivity=connectivity, return_N=True)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    small = sizes * mask_volume.voxel_volume_ml < min_ml
+    small[0] = False
+    out = arr.copy()
+    out[small[lab]] = 0
+    return mask_volume.with_array(out, labels=mask_volume.labels, modality=mask_volume.modality)
