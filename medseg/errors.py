@@ -20,6 +20,7 @@ __all__ = [
     "DuplicateSlicesError",
     "GantryTiltError",
     "DicomWriteError",
+    "PhantomError",
     "GeometryError",
     "GridMismatchError",
     "NotVolumetricError",
@@ -84,6 +85,10 @@ class GantryTiltError(DicomSeriesError):
 
 class DicomWriteError(MedsegError, ValueError):
     """A volume cannot be written as a DICOM series (modality, pixel values, geometry, target folder)."""
+
+
+class PhantomError(MedsegError, ValueError):
+    """A phantom option is out of range (shape, spacing, orientation, body scale, tumour counts, study folder)."""
 
 
 class GeometryError(MedsegError, ValueError):
