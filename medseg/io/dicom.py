@@ -66,7 +66,7 @@ NON_IMAGE_SOP_CLASS_PREFIXES: tuple[str, ...] = (
     "1.2.840.10008.1.3.10",  # media storage directory (DICOMDIR)
 )
 
-_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
+_UNCOMPRESSED_NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
 _ORIENTATION_ATOL = 1e-4
 _SPACING_RTOL = 0.01
 _SPACING_ATOL_MM = 0.01
@@ -124,10 +124,52 @@ class _Frame:
     transfer_syntax: str
     slice_thickness: float | None
     spacing_between_slices: float | None
+    pixel_offset: int | None = None  # where the pixel data element starts in the file
+
+
+_INT_VRS = {"US": "H", "SS": "h", "UL": "I", "SL": "i"}
+_STRING_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UI", "UC", "UT"}
+_TAGS: dict[str, int] = {}
+
+
+def _value(ds: Any, keyword: str) -> Any:
+    """A top-level element's value, parsed straight from the raw bytes for plain string and integer VRs.
+
+    pydicom's general value conversion (validation, DSfloat objects) dominates header parsing time for a series;
+    the few values medseg needs are parsed here instead: strings as ``str`` (multi-valued: list of ``str``),
+    integers as ``int`` (or list). Anything else goes through pydicom. None when absent or empty.
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    tag = _TAGS.get(keyword)
+    if tag is None:
+        tag = _TAGS[keyword] = int(tag_for_keyword(keyword))  # type: ignore[arg-type]
+    if tag not in ds:
+        return None
+    elem = ds.get_item(tag)
+    encoding = getattr(ds, "original_encoding", (None, None))
+    if isinstance(elem, RawDataElement) and elem.value is not None and encoding[1] is True:
+        vr = elem.VR or dictionary_VR(tag)
+        raw = elem.value
+        if vr in _INT_VRS:
+            size = {"H": 2, "h": 2, "I": 4, "i": 4}[_INT_VRS[vr]]
+            vals: list[Any] = list(np.frombuffer(raw[: len(raw) // size * size], dtype="<" + _INT_VRS[vr]).tolist())
+        elif vr in _STRING_VRS:
+            text = raw.decode("latin-1").strip(" \x00")
+            vals = [v.strip(" \x00") for v in text.split("\\")] if text else []
+        else:
+            value = ds.get(keyword)
+            return None if value in (None, "") else value
+        if not vals:
+            return None
+        return vals[0] if len(vals) == 1 else vals
+    value = ds.get(keyword)
+    return None if value in (None, "") else value
 
 
 def _str(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword, "")
+    value = _value(ds, keyword)
     return "" if value is None else str(value).strip()
 
 
@@ -157,20 +199,30 @@ def _sop_instance(ds: Any) -> str:
     return uid
 
 
-def _is_image(ds: Any) -> bool:
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")  # Pixel, Float, Double
+
+
+def _is_image(ds: Any, has_pixels: bool) -> bool:
+    if not has_pixels:
         return False
     sop = _sop_class(ds)
     return not any(sop.startswith(p) for p in NON_IMAGE_SOP_CLASS_PREFIXES)
 
 
-def _read_header(path: str, *, strict: bool) -> Any | None:
-    """Parse a file's DICOM header (pixel data deferred). None for non-DICOM files when not ``strict``."""
+def _read_header(path: str, *, strict: bool) -> tuple[Any, int | None] | None:
+    """Parse a file's DICOM header up to the pixel data.
+
+    Returns the dataset and the file offset of the pixel data element (None when there is none), or None for
+    non-DICOM files when not ``strict``.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(path, defer_size=2048)
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            offset = fh.tell()
+            tag = fh.read(4)
     except InvalidDicomError:
         if strict:
             raise UnreadableFileError(
@@ -180,21 +232,21 @@ def _read_header(path: str, *, strict: bool) -> Any | None:
     except MemoryError:
         raise UnreadableFileError(f"{path}: corrupt DICOM header (an element claims an impossible length).") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input; name the file
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            has_preamble = fh.read(4) == b"DICM"
-        if not strict and not has_preamble:
+        if not strict and not is_dicom_file(path):
             return None
         raise UnreadableFileError(
             f"{path}: truncated or corrupt DICOM file ({type(exc).__name__}: {exc}). Re-export or remove it."
         ) from None
-    return ds
+    return ds, (offset if tag in _PIXEL_TAGS else None)
 
 
-def _frame_facts(path: str, ds: Any) -> list[_Frame]:
+def _frame_facts(path: str, ds: Any, pixel_offset: int | None) -> list[_Frame]:
     """Turn one image dataset into frames, with every header value it needs parsed (errors name the file)."""
     try:
-        return _frame_facts_unchecked(path, ds)
+        frames = _frame_facts_unchecked(path, ds)
+        for f in frames:
+            f.pixel_offset = pixel_offset
+        return frames
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001 - lazily parsed values of a corrupt header fail here
@@ -203,27 +255,32 @@ def _frame_facts(path: str, ds: Any) -> list[_Frame]:
         ) from None
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
 def _first(seq: Any) -> Any:
     return seq[0] if seq else None
 
 
 def _frame_facts_unchecked(path: str, ds: Any) -> list[_Frame]:
-    rows, cols = int(ds.Rows), int(ds.Columns)
+    rows, cols = int(_value(ds, "Rows") or 0), int(_value(ds, "Columns") or 0)
     if rows <= 0 or cols <= 0:
         raise UnreadableFileError(f"{path}: image size {rows}×{cols} is empty.")
-    bits_alloc = int(ds.get("BitsAllocated", 16))
-    bits_stored = int(ds.get("BitsStored", bits_alloc))
+    bits_alloc = int(_or(_value(ds, "BitsAllocated"), 16))
+    bits_stored = int(_or(_value(ds, "BitsStored"), bits_alloc))
     pixel_format = (
         bits_alloc,
         bits_stored,
-        int(ds.get("PixelRepresentation", 0)),
-        int(ds.get("SamplesPerPixel", 1)),
+        int(_or(_value(ds, "PixelRepresentation"), 0)),
+        int(_or(_value(ds, "SamplesPerPixel"), 1)),
         _str(ds, "PhotometricInterpretation"),
     )
     ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else ""
     sop_uid = _sop_instance(ds)
-    thickness = float(ds.SliceThickness) if ds.get("SliceThickness") not in (None, "") else None
-    between = float(ds.SpacingBetweenSlices) if ds.get("SpacingBetweenSlices") not in (None, "") else None
+    thickness_value, between_value = _value(ds, "SliceThickness"), _value(ds, "SpacingBetweenSlices")
+    thickness = float(thickness_value) if thickness_value is not None else None
+    between = float(between_value) if between_value is not None else None
 
     def frame(
         idx: int | None, pos: Any, ori: Any, spacing: Any, slope: Any, inter: Any, thick: Any, between_: Any
@@ -262,7 +319,7 @@ def _frame_facts_unchecked(path: str, ds: Any) -> list[_Frame]:
         )
 
     if "PerFrameFunctionalGroupsSequence" in ds:  # enhanced multi-frame
-        n_frames = int(ds.get("NumberOfFrames", 1))
+        n_frames = int(_or(_value(ds, "NumberOfFrames"), 1))
         shared = _first(ds.get("SharedFunctionalGroupsSequence")) or {}
         per_frame = ds.PerFrameFunctionalGroupsSequence
         if len(per_frame) != n_frames:
@@ -288,19 +345,19 @@ def _frame_facts_unchecked(path: str, ds: Any) -> list[_Frame]:
                     pos.get("ImagePositionPatient") if pos else None,
                     ori.get("ImageOrientationPatient") if ori else None,
                     meas.get("PixelSpacing") if meas else None,
-                    pvt.get("RescaleSlope") if pvt else ds.get("RescaleSlope"),
-                    pvt.get("RescaleIntercept") if pvt else ds.get("RescaleIntercept"),
+                    pvt.get("RescaleSlope") if pvt else _value(ds, "RescaleSlope"),
+                    pvt.get("RescaleIntercept") if pvt else _value(ds, "RescaleIntercept"),
                     meas.get("SliceThickness") if meas else None,
                     meas.get("SpacingBetweenSlices") if meas else None,
                 )
             )
         return frames
 
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    n_frames = int(_or(_value(ds, "NumberOfFrames"), 1) or 1)
+    spacing = _value(ds, "PixelSpacing") or _value(ds, "ImagerPixelSpacing")
     if n_frames > 1:  # legacy multi-frame (e.g. NM, US): one position, frames along the normal
-        pos0 = _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", path)
-        ori0 = ds.get("ImageOrientationPatient")
+        pos0 = _floats(_value(ds, "ImagePositionPatient"), 3, "ImagePositionPatient", path)
+        ori0 = _value(ds, "ImageOrientationPatient")
         step = between or thickness or 1.0
         frames = []
         for f in range(n_frames):
@@ -309,17 +366,17 @@ def _frame_facts_unchecked(path: str, ds: Any) -> list[_Frame]:
                 o = np.array([float(v) for v in ori0])
                 pos = pos0 + f * step * np.cross(o[:3], o[3:])
             frames.append(
-                frame(f, pos, ori0, spacing, ds.get("RescaleSlope"), ds.get("RescaleIntercept"), thickness, between)
+                frame(f, pos, ori0, spacing, _value(ds, "RescaleSlope"), _value(ds, "RescaleIntercept"), thickness, between)
             )
         return frames
     return [
         frame(
             None,
-            ds.get("ImagePositionPatient"),
-            ds.get("ImageOrientationPatient"),
+            _value(ds, "ImagePositionPatient"),
+            _value(ds, "ImageOrientationPatient"),
             spacing,
-            ds.get("RescaleSlope"),
-            ds.get("RescaleIntercept"),
+            _value(ds, "RescaleSlope"),
+            _value(ds, "RescaleIntercept"),
             thickness,
             between,
         )
@@ -375,18 +432,19 @@ class _Series:
 def _discover(paths: Iterable[str], *, strict: bool) -> dict[str, _Series]:
     series: dict[str, _Series] = {}
     for path in paths:
-        ds = _read_header(path, strict=strict)
-        if ds is None:
+        header = _read_header(path, strict=strict)
+        if header is None:
             log.debug("skipping non-DICOM file %s", path)
             continue
+        ds, pixel_offset = header
         try:
-            image = _is_image(ds)
+            image = _is_image(ds, pixel_offset is not None)
         except Exception as exc:  # noqa: BLE001
             raise UnreadableFileError(f"{path}: corrupt DICOM header ({type(exc).__name__}: {exc}).") from None
         if not image:
             log.debug("skipping non-image DICOM object %s (SOP class %s)", path, _sop_class(ds))
             continue
-        frames = _frame_facts(path, ds)
+        frames = _frame_facts(path, ds, pixel_offset)
         key, uid = _series_key(ds, frames[0])
         s = series.setdefault(key, _Series(key, uid))
         s.frames.extend(frames)
@@ -568,36 +626,116 @@ def _raw_dtype(pixel_format: tuple[int, int, int, int, str]) -> np.dtype | None:
     return np.dtype(f"<{'i' if signed else 'u'}{bits_alloc // 8}")
 
 
-def _pixels(frame: _Frame, cache: dict[str, np.ndarray]) -> np.ndarray:
-    """The stored pixel values of one frame, shape (rows, columns)."""
-    ds = frame.ds
+def _read_uncompressed(frame: _Frame, raw_dtype: np.dtype, out: np.ndarray | None) -> np.ndarray:
+    """Read native little-endian pixel values straight from the file (into ``out`` when given)."""
     expected = frame.rows * frame.columns
+    n_frames = 1 if frame.frame is None else int(frame.ds.get("NumberOfFrames", 1))
+    nbytes = expected * raw_dtype.itemsize * n_frames
+    assert frame.pixel_offset is not None
+    with open(frame.path, "rb") as fh:
+        fh.seek(frame.pixel_offset)
+        head = fh.read(12)
+        implicit = frame.transfer_syntax == "1.2.840.10008.1.2"
+        length = int.from_bytes(head[4:8] if implicit else head[8:12], "little")
+        if len(head) < 12 or length == 0xFFFFFFFF or length < nbytes:
+            raise UnreadableFileError(
+                f"{frame.path}: pixel data is truncated or malformed ({length if len(head) >= 12 else 0} bytes "
+                f"declared, {nbytes} expected for {n_frames}×{frame.rows}×{frame.columns} pixels). Re-export the file."
+            )
+        fh.seek(frame.pixel_offset + (8 if implicit else 12) + (frame.frame or 0) * expected * raw_dtype.itemsize)
+        target = out if out is not None and out.dtype == raw_dtype else np.empty((frame.rows, frame.columns), raw_dtype)
+        got = fh.readinto(memoryview(target).cast("B"))
+    if got != expected * raw_dtype.itemsize:
+        raise UnreadableFileError(
+            f"{frame.path}: pixel data is truncated ({got} of {expected * raw_dtype.itemsize} bytes). Re-export the file."
+        )
+    _, bits_stored, signed, _, _ = frame.pixel_format
+    if signed and bits_stored < raw_dtype.itemsize * 8:  # sign-extend from BitsStored
+        shift = raw_dtype.itemsize * 8 - bits_stored
+        np.left_shift(target, shift, out=target)
+        np.right_shift(target, shift, out=target)
+    return target
+
+
+def _decoded(frame: _Frame, cache: dict[str, np.ndarray]) -> np.ndarray:
+    """Pixel values through pydicom's decoders (compressed, deflated, big endian, float, colour)."""
+    import pydicom
+
+    if frame.path not in cache:
+        cache.clear()  # one file at a time (multi-frame files are decoded once for all their frames)
+        cache[frame.path] = pydicom.dcmread(frame.path).pixel_array
+    arr = cache[frame.path]
+    if frame.frame is not None and int(frame.ds.get("NumberOfFrames", 1)) > 1:
+        arr = arr[frame.frame]
+    return arr
+
+
+#: Compressed single-frame series with at least this many slices are decoded in several processes.
+PARALLEL_DECODE_MIN_SLICES = 16
+
+
+def _decode_files(paths: list[str]) -> list[np.ndarray | str]:
+    """Worker: decode whole files with pydicom; an error comes back as its message."""
+    import pydicom
+
+    out: list[np.ndarray | str] = []
+    for path in paths:
+        try:
+            out.append(pydicom.dcmread(path).pixel_array)
+        except Exception as exc:  # noqa: BLE001 - reported by the parent, with the file name
+            out.append(f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def _fork_is_safe() -> bool:
+    """True when no other Python thread runs, so a forked child cannot inherit a lock held mid-operation.
+
+    Idle native pools (OpenBLAS, OpenMP) are tolerated, as PyTorch's DataLoader workers tolerate them.
+    """
+    import threading
+
+    return threading.active_count() == 1 and threading.current_thread() is threading.main_thread()
+
+
+def _parallel_decode(frames: Sequence[_Frame]) -> dict[str, np.ndarray]:
+    """Decode a compressed single-frame series in forked worker processes, when that is safe and worth it.
+
+    The JPEG 2000 / JPEG-LS decoders hold the GIL, so threads do not help. Forking is only safe in a
+    process without other Python threads (see :func:`_fork_is_safe`); otherwise, and for small series, the caller
+    decodes serially. Forked workers never re-import ``__main__``, so scripts need no ``if __name__ == "__main__"`` guard.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    compressed = frames[0].transfer_syntax not in _UNCOMPRESSED_NATIVE
+    if (not compressed or cpus < 2 or len(frames) < PARALLEL_DECODE_MIN_SLICES
+            or any(f.frame is not None for f in frames) or "fork" not in multiprocessing.get_all_start_methods()
+            or not _fork_is_safe()):
+        return {}
+    workers = min(cpus, 8)
+    paths = [f.path for f in frames]
+    n_chunks = min(len(paths), workers * 4)
+    chunks = [paths[i::n_chunks] for i in range(n_chunks)]
+    decoded: dict[str, np.ndarray] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for chunk, results in zip(chunks, pool.map(_decode_files, chunks), strict=True):
+            for path, result in zip(chunk, results, strict=True):
+                if isinstance(result, np.ndarray):
+                    decoded[path] = result  # failures are decoded again serially, which names the file
+    return decoded
+
+
+def _pixels(frame: _Frame, cache: dict[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    """The stored pixel values of one frame, shape (rows, columns); read into ``out`` when its dtype fits."""
     raw_dtype = _raw_dtype(frame.pixel_format)
     try:
-        if frame.transfer_syntax in _UNCOMPRESSED and raw_dtype is not None and "PixelData" in ds:
-            data = ds.PixelData
-            n_frames = 1 if frame.frame is None else int(ds.get("NumberOfFrames", 1))
-            nbytes = expected * raw_dtype.itemsize * n_frames
-            if data is None or len(data) < nbytes:
-                raise UnreadableFileError(
-                    f"{frame.path}: pixel data is truncated ({0 if data is None else len(data)} bytes, "
-                    f"expected {nbytes} for {n_frames}×{frame.rows}×{frame.columns} pixels). Re-export the file."
-                )
-            arr = np.frombuffer(data, dtype=raw_dtype, count=expected * n_frames)
-            bits_alloc, bits_stored, signed, _, _ = frame.pixel_format
-            if signed and bits_stored < bits_alloc:  # sign-extend from BitsStored
-                shift = bits_alloc - bits_stored
-                arr = (arr << shift) >> shift
-            if frame.frame is not None:
-                arr = arr.reshape(n_frames, frame.rows, frame.columns)[frame.frame]
-            return arr.reshape(frame.rows, frame.columns)
-        if frame.frame is None:
-            arr = ds.pixel_array
+        if frame.transfer_syntax in _UNCOMPRESSED_NATIVE and raw_dtype is not None and frame.pixel_offset is not None:
+            arr = _read_uncompressed(frame, raw_dtype, out)
+        elif frame.path in cache and frame.frame is None:
+            arr = cache.pop(frame.path)  # decoded ahead by the worker processes
         else:
-            if frame.path not in cache:
-                cache[frame.path] = ds.pixel_array
-            arr = cache[frame.path]
-            arr = arr[frame.frame] if arr.ndim >= 3 and int(ds.get("NumberOfFrames", 1)) > 1 else arr
+            arr = _decoded(frame, cache)
     except MedsegError:
         raise
     except MemoryError:
@@ -632,12 +770,14 @@ def _build_volume(frames: list[_Frame], where: str) -> Volume:
     if first.pixel_spacing is None:
         log.warning("%s: no PixelSpacing; assuming 1 mm pixels", where)
     modality = _str(first.ds, "Modality").upper() or None
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[str, np.ndarray] = _parallel_decode(frames)
     raw0 = _pixels(frames[0], cache)
     raw = np.empty((len(frames), first.rows, first.columns), dtype=raw0.dtype)
     raw[0] = raw0
     for k in range(1, len(frames)):
-        raw[k] = _pixels(frames[k], cache)  # a different decoded dtype is cast by the assignment
+        arr = _pixels(frames[k], cache, out=raw[k])
+        if arr is not raw[k] and not np.shares_memory(arr, raw[k]):
+            raw[k] = arr  # decoded elsewhere (or another dtype): copy in
     out = _rescale(raw, frames) if modality != "MR" else raw
     lps = np.eye(4)
     lps[:3, 0] = r * col_mm  # i runs along a row: column index, spaced by PixelSpacing[1]
@@ -697,14 +837,15 @@ def load_dicom_file(path: str | Path) -> Volume:
         If a multi-frame file's frames do not form one volume.
     """
     path = Path(path)
-    ds = _read_header(str(path), strict=True)
-    assert ds is not None
-    if not _is_image(ds):
+    header = _read_header(str(path), strict=True)
+    assert header is not None
+    ds, pixel_offset = header
+    if not _is_image(ds, pixel_offset is not None):
         raise UnreadableFileError(
             f"{path}: this DICOM object is not an image (SOP class {_sop_class(ds) or 'unknown'}); "
             "medseg loads image series. DICOM SEG files are read with medseg.io.dicom_seg."
         )
-    return _build_volume(_frame_facts(str(path), ds), str(path))
+    return _build_volume(_frame_facts(str(path), ds, pixel_offset), str(path))
 
 
 __all__ += ["DicomSeriesError"]
