@@ -220,3 +220,35 @@ def test_mr_comes_back_as_stored_ct_rescaled(tmp_path):
 def test_medseg_error_family_subclasses_builtins():
     assert issubclass(MissingSlicesError, ValueError) and issubclass(MissingSlicesError, MedsegError)
     assert issubclass(UnreadableFileError, OSError)
+
+
+def test_parallel_decode_equals_serial_and_names_bad_files(tmp_path, data_dir, monkeypatch):
+    import medseg.io.dicom as dicom
+
+    src = data_dir / "totalseg_example" / "example_ct_dicom"  # 20 JPEG 2000 slices
+    seen = {}
+    real = dicom._parallel_decode
+
+    def spy(frames):
+        result = real(frames)
+        seen["decoded"] = len(result)
+        return {} if seen.get("force_serial") else result
+
+    monkeypatch.setattr(dicom, "_parallel_decode", spy)
+    parallel = load_volume(src)
+    assert seen["decoded"] == 20  # the worker processes decoded every slice
+    seen["force_serial"] = True
+    serial = load_volume(src)
+    np.testing.assert_array_equal(parallel.array, serial.array)
+    monkeypatch.setattr(dicom, "_parallel_decode", real)
+    # A slice whose JPEG 2000 stream is cut short is named, whichever path decodes it.
+    shutil.copytree(src, tmp_path / "s")
+    victim = sorted((tmp_path / "s").iterdir())[7]
+    ds = pydicom.dcmread(victim)
+    from pydicom.encaps import encapsulate, generate_frames
+
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 3]])
+    ds.save_as(victim)
+    with pytest.raises(UnreadableFileError, match=rf"{victim.name}.*cannot decode pixel data"):
+        load_volume(tmp_path / "s")
