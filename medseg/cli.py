@@ -76,12 +76,9 @@ def info(
     from medseg.io import list_series, load_volume
 
     try:
-        series = [s.describe() for s in list_series(path)] if path.is_dir() else []
-        selected: str | None = series_uid
-        if path.is_dir() and series_uid is None and len(series) > 1:
-            volume = None
-        else:
-            volume = load_volume(path, series_uid=selected)
+        found = list_series(path) if path.is_dir() else []
+        several = path.is_dir() and series_uid is None and len(found) > 1
+        volume = None if several else load_volume(path, series_uid=series_uid)
     except MedsegError as exc:
         fail(exc)
         return
@@ -89,7 +86,6 @@ def info(
     if volume is not None:
         data.update(_geometry(volume))
     if path.is_dir():
-        found = list_series(path)
         data["series"] = [
             {"series_uid": s.key, "description": s.description, "modality": s.modality, "slices": s.n_slices}
             for s in found
