@@ -1,8 +1,8 @@
 """The one geometry-carrying object: a voxel array with a 4×4 RAS affine in millimetres.
 
 Array axes are (i, j, k) — nibabel's and MONAI's order — and ``affine @ [i, j, k, 1]`` gives the world position
-(x, y, z) of a voxel centre in RAS+ millimetres (x to the patient's left→right is *R*ight-positive, y to
-*A*nterior, z to *S*uperior). Spacing, origin, direction and orientation code are derived from the affine and
+(x, y, z) of a voxel centre in RAS+ millimetres: +x points to the patient's *R*ight, +y *A*nterior, +z
+*S*uperior (DICOM/ITK's LPS+ has +x to the patient's left and +y posterior). Spacing, origin, direction and orientation code are derived from the affine and
 never stored twice. Conversions to SimpleITK, nibabel and MONAI live in :mod:`medseg.io.convert` (the only place
 that knows LPS and (z, y, x) order); the methods here call them.
 """
