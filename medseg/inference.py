@@ -1,0 +1,549 @@
+"""The segmentation engine: load a model once, segment many volumes, return labels on each input's own grid.
+
+>>> seg = Segmenter("ct-basic")                      # doctest: +SKIP
+>>> result = seg.segment(load_volume("ct/"))          # doctest: +SKIP
+>>> result.labels.array.shape == volume.shape         # doctest: +SKIP
+
+Network models run MONAI's ``sliding_window_inference`` on the card's grid (see :mod:`medseg.transforms`), with
+the compute device chosen cuda > mps > cpu unless given, stitching on the compute device or on the host (a CUDA
+out-of-memory while stitching on the GPU retries on the host with a logged warning), optional mixed precision
+(fp16 on CUDA/MPS, bf16 on CPU), optional mirroring test-time augmentation, and optional skipping of windows that
+hold nothing but the intensity floor (air in a clipped CT window: the network's answer there is computed once).
+Classical cards run a weight-free function of :mod:`medseg.classical` through the same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from medseg.errors import DeviceError, ModalityMismatchError, ModelCardError, WeightsError
+from medseg.labels import LabelTable
+from medseg.volume import Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from medseg.models.cards import ModelCard
+
+__all__ = ["InferenceOptions", "Segmenter", "Segmentation", "segment", "choose_device"]
+
+logger = logging.getLogger(__name__)
+
+StitchDevice = Literal["auto", "host", "compute"]
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run a network model. ``None`` means "as the model card says" (or the automatic choice).
+
+    Attributes
+    ----------
+    device : str or None
+        Compute device ("cuda", "cuda:1", "mps", "cpu"); None picks cuda > mps > cpu.
+    stitch_device : {"auto", "host", "compute"}
+        Where the sliding-window output is accumulated. "auto": on the compute device when the output fits in a
+        quarter of its free memory, else on the host; a CUDA out-of-memory while stitching on the GPU retries
+        on the host with a warning.
+    overlap : float or None
+        Window overlap fraction in [0, 1).
+    blending : {"gaussian", "constant"} or None
+        How overlapping windows are weighted.
+    sw_batch_size : int or None
+        Windows per network call.
+    amp : bool or None
+        Mixed precision: fp16 on CUDA/MPS, bf16 on CPU. None: on for CUDA, off elsewhere.
+    tta : bool
+        Mirroring test-time augmentation: average the network's logits over all 8 flips of the three axes.
+    skip_empty : bool
+        Windows whose every voxel sits at the normalisation's clip floor (air in a clipped CT window) are not
+        run through the network; they get the network's output for such a window, computed once.
+    postprocess : bool
+        Apply the card's post-processing (largest component, small components, holes).
+    slab_mb : float
+        Memory budget (MiB) of one slab of class scores while going back to the input grid.
+    """
+
+    device: str | None = None
+    stitch_device: StitchDevice = "auto"
+    overlap: float | None = None
+    blending: Literal["gaussian", "constant"] | None = None
+    sw_batch_size: int | None = None
+    amp: bool | None = None
+    tta: bool = False
+    skip_empty: bool = False
+    postprocess: bool = True
+    slab_mb: float = 64.0
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> InferenceOptions:
+        """The fast preset: mixed precision, empty windows skipped, 4 windows per call."""
+        return replace(cls(amp=True, skip_empty=True, sw_batch_size=4), **overrides)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A segmentation on its input's grid.
+
+    Attributes
+    ----------
+    labels : Volume, shape (I, J, K), uint8 or uint16
+        Label values on the input's grid (same shape and affine), with the model's label table.
+    probabilities : Volume, shape (I, J, K, C), float32, or None
+        Per-class probabilities on the input grid when asked for (background first for softmax models).
+    model : str
+        Name of the model card.
+    card : ModelCard
+    device : str
+        Where the network ran ("cpu", "cuda:0", ...; "classical" for weight-free models).
+    timings_s : mapping of str to float
+        Seconds spent per stage (prepare, network, invert, postprocess, total).
+    stats : mapping of str to int
+        Counters: windows run, windows skipped, network grid voxels.
+    """
+
+    labels: Volume
+    probabilities: Volume | None
+    model: str
+    card: ModelCard = field(repr=False)
+    device: str = "cpu"
+    timings_s: Mapping[str, float] = field(default_factory=dict)
+    stats: Mapping[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: model, device, timings, and voxel count and volume (mL) per label."""
+        arr = self.labels.array
+        counts = np.bincount(arr.ravel(), minlength=int(arr.max()) + 1 if arr.size else 1)
+        table = self.labels.labels or LabelTable([])
+        per_label = [
+            {"value": v, "name": lab.name, "kind": lab.kind, "voxels": int(counts[v]) if v < len(counts) else 0,
+             "volume_ml": round((int(counts[v]) if v < len(counts) else 0) * self.labels.voxel_volume_ml, 4)}
+            for v, lab in table.items()
+        ]
+        return {
+            "model": self.model,
+            "version": self.card.version,
+            "device": self.device,
+            "grid": self.labels.describe_grid(),
+            "dtype": str(arr.dtype),
+            "labels": per_label,
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "stats": dict(self.stats),
+        }
+
+
+def choose_device(requested: str | None = None) -> torch.device:
+    """The compute device: ``requested`` if given, else cuda > mps > cpu.
+
+    Raises
+    ------
+    DeviceError
+        If the requested device is not available here.
+    """
+    import torch
+
+    if requested:
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise DeviceError(f"Unknown device {requested!r}; use cpu, cuda, cuda:N or mps.") from None
+        mps = getattr(torch.backends, "mps", None)
+        if (dev.type == "cuda" and not torch.cuda.is_available()) or (
+            dev.type == "mps" and not (mps is not None and mps.is_available())
+        ):
+            raise DeviceError(f"Device {requested!r} was requested but it is not available here; use --device cpu.")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def stitch_with_fallback(run: Callable[[Any], Any], preferred: Any) -> tuple[Any, Any]:
+    """Call ``run(stitch_device)`` on ``preferred``; on a CUDA out-of-memory there, retry on the host.
+
+    Returns the result and the device it was stitched on.
+    """
+    import torch
+
+    try:
+        return run(preferred), preferred
+    except torch.cuda.OutOfMemoryError:
+        if torch.device(preferred).type == "cpu":
+            raise
+        logger.warning("CUDA out of memory while stitching on %s; retrying with stitching on the host "
+                       "(slower, needs host memory for the output).", preferred)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return run(torch.device("cpu")), torch.device("cpu")
+
+
+class Segmenter:
+    """A model loaded once, to segment many volumes.
+
+    Parameters
+    ----------
+    model : str, Path or ModelCard
+        A model name from the registry, a card file, a MONAI bundle folder, or a card object.
+    models_dirs : sequence of path
+        User folders of cards and bundles searched before the shipped cards.
+    options : InferenceOptions, optional
+        Run settings; keyword arguments named like its fields override them (``overlap=0.5``).
+    network : callable, optional
+        A predictor to use instead of building the card's network (``(B, C, *patch) → (B, out, *patch)``), e.g.
+        an analytic function in tests or a model you already hold.
+
+    Raises
+    ------
+    ModelNotFoundError, ModelCardError, UnknownNetworkError, WeightsError
+        When the model cannot be found, described or loaded.
+    TypeError
+        For an unknown option name.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | ModelCard,
+        /,
+        *,
+        models_dirs: Sequence[str | Path] = (),
+        options: InferenceOptions | None = None,
+        network: Callable[..., Any] | None = None,
+        **option_overrides: Any,
+    ) -> None:
+        from medseg.models.cards import ModelCard
+        from medseg.models.registry import find_model
+
+        names = {f.name for f in fields(InferenceOptions)}
+        unknown = sorted(set(option_overrides) - names)
+        if unknown:
+            raise TypeError(f"Unknown option(s) {unknown}; options are {sorted(names)}.")
+        self.options = replace(options or InferenceOptions(), **option_overrides)
+        self.card: ModelCard = model if isinstance(model, ModelCard) else find_model(model, models_dirs=models_dirs)
+        self._function: Callable[[Volume], Volume] | None = None
+        self._net: Any = None
+        self._air: dict[tuple[int, ...], Any] = {}
+        if self.card.kind == "classical":
+            self._function = _classical_function(self.card)
+            self.device = "classical"
+            return
+        dev = choose_device(self.options.device)
+        self.device = str(dev)
+        self._device = dev
+        self._net = network if network is not None else self._load_network()
+        if hasattr(self._net, "to") and network is None:
+            self._net = self._net.to(dev)
+
+    # ---- loading ------------------------------------------------------------------------------------------
+    def _load_network(self) -> Any:
+        from medseg.models.networks import build_network
+        from medseg.models.registry import build_bundle_network
+        from medseg.models.weights import is_torchscript, load_weights
+
+        card = self.card
+        if card.weights is None:
+            raise WeightsError(
+                f"Model card {card.name!r} ({card.source}) names no weights file; add 'weights: {{file: ..., "
+                "sha256: ...}}' to the card."
+            )
+        torchscript = card.weights.format == "torchscript" or (
+            card.weights.format == "auto" and card.weights.path.is_file() and is_torchscript(card.weights.path)
+        )
+        if torchscript:
+            return load_weights(None, card.weights.path, sha256=card.weights.sha256, format="torchscript")
+        if card.kind == "bundle":
+            net = build_bundle_network(card)
+        else:
+            assert card.network is not None
+            net = build_network(card.network.name, card.network.kwargs, source=str(card.source or card.name))
+        return load_weights(net, card.weights.path, sha256=card.weights.sha256, format="state_dict")
+
+    # ---- checks -------------------------------------------------------------------------------------------
+    def check_modality(self, volume: Volume) -> None:
+        """Warn or raise (per the card's ``modality_check``) when the volume's modality is not the card's.
+
+        Raises
+        ------
+        ModalityMismatchError
+            If the modality differs and the card says ``modality_check: error``.
+        """
+        card = self.card
+        if not card.modality:
+            return
+        if volume.modality is None:
+            logger.warning("volume has no modality; model %s expects %s, assuming it fits.", card.name,
+                           "/".join(card.modality))
+            return
+        if volume.modality.upper() in card.modality:
+            return
+        msg = (f"Model {card.name!r} is for {'/'.join(card.modality)} scans but the volume is "
+               f"{volume.modality}. Choose a model for {volume.modality} (medseg models list).")
+        if card.modality_check == "error":
+            raise ModalityMismatchError(msg)
+        logger.warning("%s Running anyway (the card says modality_check: warn).", msg)
+
+    # ---- running ------------------------------------------------------------------------------------------
+    def segment(self, volume: Volume | str | Path, *, probabilities: bool = False) -> Segmentation:
+        """Segment one volume.
+
+        Parameters
+        ----------
+        volume : Volume or path
+            A volume, shape (I, J, K) or (I, J, K, C), or a path :func:`medseg.io.load_volume` reads.
+        probabilities : bool
+            Also return per-class probabilities on the input grid (costs classes × voxels × 4 bytes).
+
+        Returns
+        -------
+        Segmentation
+            Labels on the input's grid (same shape and affine).
+
+        Raises
+        ------
+        ModalityMismatchError, NotVolumetricError, ChannelCountError
+            For a volume the model cannot take.
+        """
+        if not isinstance(volume, Volume):
+            from medseg.io import load_volume
+
+            volume = load_volume(volume)
+        t0 = time.perf_counter()
+        self.check_modality(volume)
+        if self._function is not None:
+            return self._segment_classical(volume, t0)
+        return self._segment_network(volume, t0, probabilities)
+
+    def _segment_classical(self, volume: Volume, t0: float) -> Segmentation:
+        from medseg.postprocess import postprocess_labels
+
+        assert self._function is not None
+        out = self._function(volume)
+        if not isinstance(out, Volume) or out.array.ndim != 3:
+            raise ModelCardError(f"{self.card.function} did not return a 3D label Volume.")
+        out.require_same_grid(volume, what=f"the input and the output of {self.card.function}")
+        table = out.labels or self.card.labels
+        if table is None:
+            raise ModelCardError(f"{self.card.function} returned no label table and the card {self.card.name!r} "
+                                 "lists no labels.")
+        if self.card.labels is not None and out.labels is not None and self.card.labels.names != out.labels.names:
+            logger.warning("labels of %s differ from the card %s; using the function's.", self.card.function,
+                           self.card.name)
+        arr = out.array.astype(np.uint8 if max(table, default=0) <= 255 else np.uint16, copy=False)
+        labels = Volume(arr, volume.affine, modality="SEG", labels=table, source=volume.source)
+        t1 = time.perf_counter()
+        if self.options.postprocess:
+            labels = postprocess_labels(labels, self.card.postprocessing)
+        t2 = time.perf_counter()
+        return Segmentation(labels, None, self.card.name, self.card, "classical",
+                            {"function": t1 - t0, "postprocess": t2 - t1, "total": t2 - t0}, {})
+
+    def _segment_network(self, volume: Volume, t0: float, probabilities: bool) -> Segmentation:
+        import torch
+
+        from medseg.postprocess import postprocess_labels
+        from medseg.transforms import SLAB_BYTES, invert_to_input, label_lookup, prepare, to_probabilities
+
+        card = self.card
+        assert card.labels is not None
+        prepared = prepare(volume, card)
+        t1 = time.perf_counter()
+        logits, stats, stitched_on = self.predict(prepared.image, floor=prepared.floor)
+        stats["network_grid_voxels"] = int(np.prod(prepared.image.shape[1:]))
+        if logits.shape[0] != card.out_channels:
+            raise ModelCardError(
+                f"Model {card.name!r} returned {logits.shape[0]} channels but its {len(card.labels)} labels with "
+                f"output '{card.output}' need {card.out_channels}. Fix 'labels' or network.kwargs.out_channels."
+            )
+        to_probabilities(logits, card.output)
+        logits = logits.cpu()
+        t2 = time.perf_counter()
+        lookup = label_lookup(card.labels, card.output)
+        slab = int(self.options.slab_mb * 1024 * 1024) if self.options.slab_mb else SLAB_BYTES
+        arr, probs = invert_to_input(logits, prepared, lookup, output=card.output, probabilities=probabilities,
+                                     slab_bytes=slab)
+        del logits
+        t3 = time.perf_counter()
+        labels = Volume(arr, volume.affine, modality="SEG", labels=card.labels, source=volume.source)
+        if self.options.postprocess:
+            labels = postprocess_labels(labels, card.postprocessing)
+        t4 = time.perf_counter()
+        prob_volume = None if probs is None else Volume(probs, volume.affine, modality=None)
+        timings = {"prepare": t1 - t0, "network": t2 - t1, "invert": t3 - t2, "postprocess": t4 - t3, "total": t4 - t0}
+        logger.info("segmented with %s on %s (stitched on %s) in %.1f s", card.name, self.device, stitched_on,
+                    t4 - t0)
+        del torch
+        return Segmentation(labels, prob_volume, card.name, card, self.device, timings, stats)
+
+    def predict(self, image: torch.Tensor, *, floor: float | None = None) -> tuple[torch.Tensor, dict[str, int], str]:
+        """Sliding-window logits of a prepared image.
+
+        Parameters
+        ----------
+        image : torch.Tensor, shape (C, I', J', K'), float32
+            Normalised image on the network grid.
+        floor : float, optional
+            The normalisation's clip floor; with ``skip_empty`` windows entirely at this value are not run.
+
+        Returns
+        -------
+        logits : torch.Tensor, shape (out_channels, I', J', K'), float32, on the stitch device
+        stats : dict
+            ``windows`` run through the network and ``windows_skipped``.
+        stitched_on : str
+        """
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        card, opt = self.card, self.options
+        dev = self._device
+        roi = tuple(int(p) for p in card.inference.patch_size)
+        counters = {"windows": 0, "windows_skipped": 0}
+        use_amp = opt.amp if opt.amp is not None else dev.type == "cuda"
+        amp_dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
+        skip = opt.skip_empty and floor is not None
+        if opt.skip_empty and floor is None:
+            logger.warning("skip_empty needs a clipped intensity window (ct_window or percentile with clip); "
+                           "running every window of %s.", card.name)
+        net = self._net
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=bool(use_amp)):
+                if not opt.tta:
+                    out = _first(net(x))
+                    return out.to(torch.float32)
+                total = None
+                for dims in ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)):
+                    xi = torch.flip(x, dims) if dims else x
+                    yi = _first(net(xi)).to(torch.float32)
+                    yi = torch.flip(yi, dims) if dims else yi
+                    total = yi if total is None else total + yi
+                assert total is not None
+                return total / 8.0
+
+        def air(shape: tuple[int, ...]) -> torch.Tensor:
+            if shape not in self._air:
+                x = torch.full((1, *shape), float(floor), dtype=torch.float32, device=dev)  # type: ignore[arg-type]
+                self._air[shape] = run(x)
+            return self._air[shape]
+
+        def predictor(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device=dev, dtype=torch.float32)
+            if not skip:
+                counters["windows"] += x.shape[0]
+                return run(x)
+            empty = (x.flatten(1).amax(dim=1) <= floor)
+            n_empty = int(empty.sum())
+            counters["windows_skipped"] += n_empty
+            counters["windows"] += x.shape[0] - n_empty
+            if n_empty == 0:
+                return run(x)
+            a = air(tuple(x.shape[1:]))
+            if n_empty == x.shape[0]:
+                return a.expand(x.shape[0], *a.shape[1:]).clone()
+            full = run(x[~empty])
+            out = torch.empty((x.shape[0], *full.shape[1:]), dtype=full.dtype, device=full.device)
+            out[~empty] = full
+            out[empty] = a[0].to(full.dtype)
+            return out
+
+        overlap = card.inference.overlap if opt.overlap is None else opt.overlap
+        mode = card.inference.blending if opt.blending is None else opt.blending
+        batch = card.inference.sw_batch_size if opt.sw_batch_size is None else opt.sw_batch_size
+        inputs = image.unsqueeze(0)
+
+        def sliding(stitch: Any) -> torch.Tensor:
+            with torch.no_grad():
+                out = sliding_window_inference(
+                    inputs.to(stitch), roi, batch, predictor, overlap=overlap, mode=mode,
+                    sw_device=dev, device=stitch,
+                )
+            return _first(out)[0]
+
+        preferred = self._stitch_device(image)
+        out, stitched_on = stitch_with_fallback(sliding, preferred)
+        if hasattr(out, "as_tensor"):
+            out = out.as_tensor()
+        return out, counters, str(stitched_on)
+
+    def _stitch_device(self, image: torch.Tensor) -> torch.device:
+        import torch
+
+        dev = self._device
+        choice = self.options.stitch_device
+        if dev.type == "cpu" or choice == "host":
+            return torch.device("cpu")
+        if choice == "compute" or dev.type != "cuda":
+            return dev
+        need = 4 * int(np.prod(image.shape[1:])) * (self.card.out_channels + 2)
+        free, _total = torch.cuda.mem_get_info(dev)
+        if need > free // 4:
+            logger.info("stitching on the host: the output needs %.1f GiB, the GPU has %.1f GiB free",
+                        need / 2**30, free / 2**30)
+            return torch.device("cpu")
+        return dev
+
+
+def _first(out: Any) -> Any:
+    if isinstance(out, (list, tuple)):
+        return out[0]
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out
+
+
+def _classical_function(card: ModelCard) -> Callable[[Volume], Volume]:
+    import medseg.classical as classical
+
+    name = card.function or ""
+    allowed = set(getattr(classical, "__all__", ()))
+    if not name.isidentifier() or name not in allowed or not callable(getattr(classical, name, None)):
+        raise ModelCardError(
+            f"{card.source or card.name}: 'function: {name}' is not a function of medseg.classical; classical "
+            f"cards may name only: {', '.join(sorted(n for n in allowed if callable(getattr(classical, n, None))))}."
+        )
+    return getattr(classical, name)  # type: ignore[no-any-return]
+
+
+def segment(
+    volume: Volume | str | Path,
+    /,
+    *,
+    model: str | Path | ModelCard,
+    models_dirs: Sequence[str | Path] = (),
+    probabilities: bool = False,
+    **options: Any,
+) -> Segmentation:
+    """Segment one volume with one model: ``Segmenter(model, **options).segment(volume)``.
+
+    Parameters
+    ----------
+    volume : Volume or path
+        Shape (I, J, K) (or (I, J, K, C) for multi-channel models), or a path to load.
+    model : str, Path or ModelCard
+        Model name, card file or bundle folder.
+    models_dirs : sequence of path
+        User folders of cards and bundles.
+    probabilities : bool
+        Also return per-class probabilities.
+    **options
+        Fields of :class:`InferenceOptions` (device, overlap, amp, tta, skip_empty, ...).
+
+    Returns
+    -------
+    Segmentation
+        Labels (uint8/uint16, with the label table) on the input's grid.
+
+    Raises
+    ------
+    MedsegError
+        Subclasses for a model that cannot be found or loaded, or a volume it cannot take.
+    """
+    return Segmenter(model, models_dirs=models_dirs, **options).segment(volume, probabilities=probabilities)

@@ -1,0 +1,369 @@
+"""Pre-processing built from a model card with MONAI transforms, and its exact inverse onto the input grid.
+
+Forward (:func:`prepare`): Volume → MONAI MetaTensor → ``Orientation`` + ``Spacing`` (fused into one float32
+resample with ``Compose(lazy=True)``) → optional foreground crop → intensity normalisation
+(``ScaleIntensityRange``, ``NormalizeIntensity`` or ``ScaleIntensityRangePercentiles``). The result keeps the
+affine of the network grid, so nothing else has to be remembered to go back.
+
+Inverse (:func:`invert_to_input`): class scores on the network grid → labels (and optionally probabilities) on the
+input grid. Every input voxel centre is mapped through ``inv(A_net) @ A_in`` to a continuous network-grid index
+and the scores are sampled there with trilinear interpolation (border values outside the network grid, background
+outside a foreground crop), one slab of input slices at a time; the argmax is taken per slab. Peak memory is
+one slab of ``classes × slab`` floats instead of ``classes × full-resolution`` volumes. When the two grids share
+voxel centres (only axis order or direction differ) the mapping is an exact index permutation and no
+interpolation happens. See ``docs/inference.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from medseg.errors import ChannelCountError, NotVolumetricError
+from medseg.labels import LabelTable
+from medseg.volume import Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from medseg.models.cards import ModelCard
+
+__all__ = ["Prepared", "prepare", "build_preprocessing", "invert_to_input", "label_lookup", "clip_floor"]
+
+logger = logging.getLogger(__name__)
+
+#: Default budget (bytes) for one slab of class scores during the inversion.
+SLAB_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A volume made ready for the network.
+
+    Attributes
+    ----------
+    image : torch.Tensor, shape (C, I', J', K'), float32
+        Normalised intensities on the network grid (cropped to the foreground when the card asks).
+    affine : ndarray, shape (4, 4)
+        Voxel index on ``image`` → RAS mm.
+    input_shape : tuple of 3 int
+        Spatial shape of the input volume.
+    input_affine : ndarray, shape (4, 4)
+        Affine of the input volume.
+    floor : float or None
+        Value that every intensity at or below the card's lower clip maps to (air in a clipped CT window), or
+        None when the normalisation has no clip floor.
+    cropped : bool
+        True when ``image`` is a foreground crop (voxels mapping outside it are background).
+    """
+
+    image: torch.Tensor
+    affine: np.ndarray
+    input_shape: tuple[int, int, int]
+    input_affine: np.ndarray
+    floor: float | None
+    cropped: bool = False
+
+
+def clip_floor(card: ModelCard) -> float | None:
+    """The normalised value of everything below the card's lower clip, or None if the normalisation has none."""
+    it = card.preprocessing.intensity
+    if it.kind in ("ct_window", "percentile") and it.clip:
+        return float(min(it.b_min, it.b_max))
+    return None
+
+
+def build_preprocessing(card: ModelCard) -> tuple[object, list[object]]:
+    """MONAI transforms for ``card``: (geometry Compose, list of intensity transforms).
+
+    The geometry part (Orientation, Spacing) runs lazily and is applied as one float32 resample; the intensity
+    transforms run after an optional foreground crop.
+    """
+    import torch
+    from monai.transforms import (
+        Compose,
+        NormalizeIntensity,
+        Orientation,
+        ScaleIntensityRange,
+        ScaleIntensityRangePercentiles,
+        Spacing,
+    )
+
+    pre = card.preprocessing
+    geometry: list[object] = []
+    if pre.orientation is not None:
+        geometry.append(Orientation(axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pre.spacing_mm is not None:
+        geometry.append(Spacing(pixdim=pre.spacing_mm, mode="bilinear", padding_mode="border", dtype=torch.float32))
+    # The dtype must also go through ``overrides``: with lazy=True MONAI ignores Spacing(dtype=...) otherwise.
+    compose = Compose(geometry, lazy=True, overrides={"dtype": torch.float32, "mode": "bilinear",
+                                                       "padding_mode": "border"})
+    it = pre.intensity
+    intensity: list[object] = []
+    if it.kind == "ct_window":
+        intensity.append(ScaleIntensityRange(a_min=it.a_min, a_max=it.a_max, b_min=it.b_min, b_max=it.b_max,
+                                             clip=it.clip, dtype=torch.float32))
+    elif it.kind == "zscore":
+        intensity.append(NormalizeIntensity(nonzero=it.nonzero, channel_wise=True, dtype=torch.float32))
+    elif it.kind == "percentile":
+        intensity.append(ScaleIntensityRangePercentiles(lower=it.lower, upper=it.upper, b_min=it.b_min,
+                                                        b_max=it.b_max, clip=it.clip, channel_wise=True,
+                                                        dtype=torch.float32))
+    return compose, intensity
+
+
+def check_input(volume: Volume, card: ModelCard) -> None:
+    """Refuse volumes the model cannot take.
+
+    Raises
+    ------
+    NotVolumetricError
+        If the volume is a single slice or thinner than 2 voxels along an axis.
+    ChannelCountError
+        If the number of channels differs from the card's ``input_channels``.
+    """
+    if min(volume.shape) < 2:
+        raise NotVolumetricError(
+            f"Model {card.name!r} needs a 3D volume with at least 2 voxels along every axis; got "
+            f"{volume.describe_grid()}. Load a whole series (a folder), not a single slice."
+        )
+    channels = 1 if volume.array.ndim == 3 else volume.array.shape[3]
+    if channels != card.input_channels:
+        names = f" ({', '.join(card.channel_names)})" if card.channel_names else ""
+        what = (f"a 4D image with {channels} volumes along the last axis" if volume.array.ndim == 4
+                else "a single-channel 3D image")
+        raise ChannelCountError(
+            f"Model {card.name!r} takes {card.input_channels} input channel(s){names}, but got {what} "
+            f"(array shape {volume.array.shape}). "
+            + ("Select one volume (e.g. the first time point) before segmenting."
+               if card.input_channels == 1 else "Stack the channels in the card's order along a last axis.")
+        )
+
+
+def prepare(volume: Volume, card: ModelCard) -> Prepared:
+    """Run the card's pre-processing on ``volume``.
+
+    Parameters
+    ----------
+    volume : Volume, shape (I, J, K) or (I, J, K, C)
+    card : ModelCard
+
+    Returns
+    -------
+    Prepared
+
+    Raises
+    ------
+    NotVolumetricError, ChannelCountError
+        See :func:`check_input`.
+    """
+    import torch
+    from monai.data import MetaTensor
+
+    check_input(volume, card)
+    compose, intensity = build_preprocessing(card)
+    img = volume.to_metatensor()
+    if not torch.is_floating_point(img):
+        img = img.to(torch.float32)
+    img = compose(img)  # type: ignore[operator]
+    if not isinstance(img, MetaTensor):  # pragma: no cover - MONAI always returns MetaTensor here
+        raise TypeError("MONAI returned a plain tensor; expected a MetaTensor with an affine")
+    affine = np.asarray(img.affine.detach().cpu().numpy(), dtype=np.float64)
+    data = img.as_tensor().to(torch.float32)
+    if card.preprocessing.crop_foreground:
+        fg = (data > card.preprocessing.foreground_threshold).any(dim=0)
+        if bool(fg.any()):
+            idx = [torch.nonzero(fg.any(dim=tuple(d for d in range(3) if d != ax))).flatten() for ax in range(3)]
+            lo = [int(i.min()) for i in idx]
+            hi = [int(i.max()) + 1 for i in idx]
+            data = data[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            shift = np.eye(4)
+            shift[:3, 3] = lo
+            affine = affine @ shift
+        else:
+            logger.warning("no voxel above the foreground threshold %s; not cropping",
+                           card.preprocessing.foreground_threshold)
+    for t in intensity:
+        data = t(data)  # type: ignore[operator]
+    if isinstance(data, MetaTensor):
+        data = data.as_tensor()
+    return Prepared(
+        image=data.to(torch.float32).contiguous(),
+        affine=affine,
+        input_shape=volume.shape,
+        input_affine=np.asarray(volume.affine, dtype=np.float64),
+        floor=clip_floor(card),
+        cropped=card.preprocessing.crop_foreground,
+    )
+
+
+def label_lookup(card_labels: LabelTable, output: Literal["softmax", "sigmoid"]) -> np.ndarray:
+    """Label value of each argmax index: index 0 is background, index c the c-th label in value order.
+
+    For ``sigmoid`` outputs the argmax runs over ``[0.5, p_1, ..., p_n]`` so index 0 means "no probability above
+    0.5"; the lookup is the same.
+    """
+    values = [0, *sorted(card_labels)]
+    dtype = np.uint8 if max(values) <= 255 else np.uint16
+    return np.asarray(values, dtype=dtype)
+
+
+def _signed_permutation(m: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """True if ``m`` (input index → network index) maps input voxel centres exactly onto network voxel centres."""
+    lin = m[:3, :3]
+    if not np.allclose(np.abs(lin).sum(axis=0), 1.0, atol=1e-6) or not np.allclose(np.abs(lin).max(axis=0), 1.0,
+                                                                                     atol=1e-6):
+        return False
+    if not np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-4):
+        return False
+    corners = np.array([[0, 0, 0], np.array(in_shape) - 1], dtype=float)
+    mapped = corners @ lin.T + m[:3, 3]
+    return bool(np.all(mapped > -0.5) and np.all(mapped < np.array(out_shape) - 0.5))
+
+
+def invert_to_input(
+    scores: torch.Tensor,
+    prepared: Prepared,
+    lookup: np.ndarray,
+    *,
+    output: Literal["softmax", "sigmoid"],
+    probabilities: bool = False,
+    slab_bytes: int = SLAB_BYTES,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class probabilities on the network grid → labels (and probabilities) on the input grid.
+
+    Parameters
+    ----------
+    scores : torch.Tensor, shape (C, I', J', K')
+        Probabilities (after softmax or sigmoid) on ``prepared``'s network grid, on the host.
+    prepared : Prepared
+        Where the network grid lies and what the input grid was.
+    lookup : ndarray, shape (L + 1,)
+        Label value of each argmax index (:func:`label_lookup`).
+    output : {"softmax", "sigmoid"}
+        For sigmoid, a voxel is background unless some probability exceeds 0.5.
+    probabilities : bool
+        Also return the interpolated probabilities (costs C × I × J × K × 4 bytes).
+    slab_bytes : int
+        Budget for one slab of interpolated scores.
+
+    Returns
+    -------
+    labels : ndarray, shape (I, J, K), dtype of ``lookup``
+    probs : ndarray, shape (I, J, K, C), float32, or None
+        Background first for softmax models (C = labels + 1), one channel per label for sigmoid models.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n_ch = int(scores.shape[0])
+    net_shape = tuple(int(s) for s in scores.shape[1:])
+    in_shape = prepared.input_shape
+    m = np.linalg.inv(prepared.affine) @ prepared.input_affine  # input index → network index
+    labels = np.zeros(in_shape, dtype=lookup.dtype)
+    probs = np.zeros((*in_shape, n_ch), dtype=np.float32) if probabilities else None
+    lut = torch.from_numpy(lookup.astype(np.int64))
+
+    def finish(slab: torch.Tensor, inside: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """slab: (C, I, J, n) probabilities → (labels (I, J, n), probs)."""
+        if inside is not None:  # outside a foreground crop: background
+            slab = slab * inside
+            if output == "softmax":
+                slab[0] = torch.where(inside[0], slab[0], torch.ones((), dtype=slab.dtype))
+        if output == "sigmoid":
+            idx = torch.cat([torch.full_like(slab[:1], 0.5), slab]).argmax(dim=0)
+        else:
+            idx = slab.argmax(dim=0)
+        return lut[idx], slab
+
+    if _signed_permutation(m, in_shape, net_shape):
+        # Exact: every input voxel centre is a network voxel centre.
+        lin = np.round(m[:3, :3]).astype(int)
+        off = np.round(m[:3, 3]).astype(int)
+        perm = [int(np.argmax(np.abs(lin[:, a]))) for a in range(3)]  # input axis a ← network axis perm[a]
+        sub = scores
+        index: list[slice] = []
+        for a in range(3):
+            r = perm[a]
+            s = int(lin[r, a])
+            start = off[r]
+            stop = start + s * (in_shape[a] - 1)
+            index.append(slice(start, stop + 1) if s > 0 else slice(stop, start + 1))
+        # Slice on the network axes, then reorder/flip to the input axes.
+        net_slices = [slice(None)] * 3
+        for a in range(3):
+            net_slices[perm[a]] = index[a]
+        sub = scores[(slice(None), *net_slices)]
+        sub = sub.permute(0, *[1 + perm[a] for a in range(3)])
+        flips = [1 + a for a in range(3) if lin[perm[a], a] < 0]
+        if flips:
+            sub = torch.flip(sub, dims=flips)
+        step = max(1, int(slab_bytes // max(1, n_ch * in_shape[0] * in_shape[1] * 4)))
+        for k0 in range(0, in_shape[2], step):
+            slab = sub[..., k0:k0 + step].to(torch.float32)
+            lab, slab = finish(slab, None)
+            labels[..., k0:k0 + step] = lab.numpy()
+            if probs is not None:
+                probs[:, :, k0:k0 + step] = slab.permute(1, 2, 3, 0).numpy()
+        return labels, probs
+
+    # General case: trilinear sampling at mapped voxel centres, slab by slab along the input's last axis.
+    vol = scores.unsqueeze(0)  # (1, C, D=I', H=J', W=K')
+    if vol.dtype not in (torch.float32, torch.float64):
+        vol = vol.to(torch.float32)
+    sizes = np.array(net_shape, dtype=np.float64)
+    denom = np.where(sizes > 1, sizes - 1, 1.0)
+    m_t = torch.from_numpy(m[:3, :3].astype(np.float64))
+    t_t = torch.from_numpy(m[:3, 3].astype(np.float64))
+    ii = torch.arange(in_shape[0], dtype=torch.float64)
+    jj = torch.arange(in_shape[1], dtype=torch.float64)
+    base = ii[:, None, None, None] * m_t[:, 0] + jj[None, :, None, None] * m_t[:, 1] + t_t  # (I, J, 1, 3)
+    step = max(1, int(slab_bytes // max(1, n_ch * in_shape[0] * in_shape[1] * 4)))
+    for k0 in range(0, in_shape[2], step):
+        kk = torch.arange(k0, min(in_shape[2], k0 + step), dtype=torch.float64)
+        q = base + kk[None, None, :, None] * m_t[:, 2]  # (I, J, n, 3) network indices (i', j', k')
+        # Outside the network grid: border values, as MONAI's Spacing inverse does; outside a foreground crop:
+        # background, as the crop's inverse (zero padding) does.
+        inside = None
+        if prepared.cropped:
+            half = torch.from_numpy(sizes - 0.5)
+            inside = ((q > -0.5) & (q < half)).all(dim=-1).unsqueeze(0)
+        g = (2.0 * q / torch.from_numpy(denom) - 1.0)
+        g = torch.where(torch.from_numpy(sizes > 1), g, torch.zeros_like(g))
+        grid = g.flip(-1).to(torch.float32).unsqueeze(0)  # grid_sample wants (x=W, y=H, z=D)
+        slab = F.grid_sample(vol, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+        del grid, g, q
+        lab, slab = finish(slab, inside)
+        labels[..., k0:k0 + len(kk)] = lab.numpy()
+        if probs is not None:
+            probs[:, :, k0:k0 + len(kk)] = slab.permute(1, 2, 3, 0).numpy()
+    return labels, probs
+
+
+def to_probabilities(logits: torch.Tensor, output: Literal["softmax", "sigmoid"], *, chunk: int = 8) -> torch.Tensor:
+    """Softmax over channels (or sigmoid), in place in chunks along the first spatial axis.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (C, I', J', K')
+        Overwritten with the probabilities.
+    """
+    import torch
+
+    n = logits.shape[1]
+    for i0 in range(0, n, chunk):
+        part = logits[:, i0:i0 + chunk]
+        if output == "softmax":
+            part.copy_(torch.softmax(part.to(torch.float32), dim=0).to(logits.dtype))
+        else:
+            part.copy_(torch.sigmoid(part.to(torch.float32)).to(logits.dtype))
+    return logits
+
+
+def ceil_div(a: int, b: int) -> int:
+    """Integer ceiling of a / b."""
+    return int(math.ceil(a / b))
