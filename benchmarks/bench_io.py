@@ -124,7 +124,7 @@ def main() -> None:
         for loader in LOADERS:
             proc = subprocess.run(
                 [sys.executable, __file__, "--repeats", str(args.repeats), "--child", loader, str(folder)],
-                capture_output=True, text=True,
+                check=False, capture_output=True, text=True,
             )
             if proc.returncode != 0:
                 results[loader] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}

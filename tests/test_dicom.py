@@ -223,7 +223,7 @@ def test_medseg_error_family_subclasses_builtins():
 
 
 def test_parallel_decode_equals_serial_and_names_bad_files(tmp_path, data_dir, monkeypatch):
-    import medseg.io.dicom as dicom
+    from medseg.io import dicom
 
     src = data_dir / "totalseg_example" / "example_ct_dicom"  # 20 JPEG 2000 slices
     seen = {}

@@ -91,8 +91,8 @@ def test_metatensor_round_trip_and_monai_transforms(odd_volume):
 
 
 def test_lps_metatensor_is_converted():
-    from monai.data import MetaTensor
     import torch
+    from monai.data import MetaTensor
 
     mt = MetaTensor(torch.zeros(1, 2, 3, 4), affine=torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0])))
     mt.meta["space"] = "LPS"

@@ -21,13 +21,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "LPS_TO_RAS",
-    "volume_to_sitk",
-    "volume_from_sitk",
-    "volume_to_nibabel",
-    "volume_from_nibabel",
-    "volume_to_metatensor",
-    "volume_from_metatensor",
     "lps_affine",
+    "volume_from_metatensor",
+    "volume_from_nibabel",
+    "volume_from_sitk",
+    "volume_to_metatensor",
+    "volume_to_nibabel",
+    "volume_to_sitk",
 ]
 
 #: Flips x and y: maps LPS coordinates to RAS (and back; it is its own inverse).

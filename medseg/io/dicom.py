@@ -52,7 +52,7 @@ from medseg.errors import (
 from medseg.io.convert import LPS_TO_RAS
 from medseg.volume import SourceReferences, Volume
 
-__all__ = ["SeriesInfo", "list_series", "load_dicom_series", "load_dicom_file", "is_dicom_file"]
+__all__ = ["SeriesInfo", "is_dicom_file", "list_series", "load_dicom_file", "load_dicom_series"]
 
 log = logging.getLogger(__name__)
 
@@ -512,9 +512,9 @@ def _check_consistent(frames: Sequence[_Frame], where: str) -> None:
     assert ref is not None
     bad = [f for f in frames if not np.allclose(f.orientation, ref, atol=_ORIENTATION_ATOL)]  # type: ignore[arg-type]
     if bad:
-        distinct("orientation", [np.round(f.orientation, 4).tolist() for f in frames])  # type: ignore[union-attr]
+        distinct("orientation", [np.round(np.asarray(f.orientation), 4).tolist() for f in frames])
     spacings = [f.pixel_spacing for f in frames]
-    if any(s is None or not np.allclose(s, spacings[0], rtol=1e-4) for s in spacings):
+    if any(s is None or not np.allclose(s, spacings[0] or (0.0, 0.0), rtol=1e-4) for s in spacings):
         distinct("pixel spacing", spacings)
 
 
@@ -572,7 +572,7 @@ def _sorted_stack(frames: list[_Frame], where: str) -> tuple[list[_Frame], np.nd
         whole = np.abs(ratio - np.round(ratio)) <= tol / step
         if np.all(whole) and np.all(np.round(ratio) >= 1):
             where_gaps = [
-                f"between {dist[i]:.2f} and {dist[i + 1]:.2f} mm ({int(round(ratio[i])) - 1} missing)"
+                f"between {dist[i]:.2f} and {dist[i + 1]:.2f} mm ({round(ratio[i]) - 1} missing)"
                 for i in np.nonzero(np.round(ratio) > 1)[0]
             ]
             raise MissingSlicesError(
@@ -644,7 +644,7 @@ def _read_uncompressed(frame: _Frame, raw_dtype: np.dtype, out: np.ndarray | Non
             )
         fh.seek(frame.pixel_offset + (8 if implicit else 12) + (frame.frame or 0) * expected * raw_dtype.itemsize)
         target = out if out is not None and out.dtype == raw_dtype else np.empty((frame.rows, frame.columns), raw_dtype)
-        got = fh.readinto(memoryview(target).cast("B"))
+        got = fh.readinto(memoryview(target).cast("B"))  # type: ignore[arg-type]
     if got != expected * raw_dtype.itemsize:
         raise UnreadableFileError(
             f"{frame.path}: pixel data is truncated ({got} of {expected * raw_dtype.itemsize} bytes). Re-export the file."

@@ -6,14 +6,21 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from medseg.errors import GeometryError, LabelTableError, MedsegError, UnreadableFileError, UnsupportedFormatError
+from medseg.errors import (
+    GeometryError,
+    LabelTableError,
+    MedsegError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
 from medseg.labels import LabelTable, sidecar_path
 from medseg.volume import SourceReferences, Volume
 
-__all__ = ["load_volume", "save_volume", "READ_FORMATS", "WRITE_SUFFIXES", "label_dtype"]
+__all__ = ["READ_FORMATS", "WRITE_SUFFIXES", "label_dtype", "load_volume", "save_volume"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +123,7 @@ def _load_nifti(p: Path) -> Volume:
     from medseg.io.convert import volume_from_nibabel
 
     try:
-        img = nib.load(str(p))
+        img: Any = nib.load(str(p))
         if len(img.shape) > 5 or int(np.prod(img.shape, dtype=np.float64)) > 2**34:
             raise UnreadableFileError(f"{p}: NIfTI header claims an impossible image shape {img.shape}.")
         volume = volume_from_nibabel(img)
