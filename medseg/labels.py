@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from medseg.errors import LabelTableError
 
-__all__ = ["Label", "LabelTable", "LabelKind", "sidecar_path"]
+__all__ = ["Label", "LabelKind", "LabelTable", "sidecar_path"]
 
 LabelKind = Literal["organ", "lesion", "other"]
 _KINDS = ("organ", "lesion", "other")

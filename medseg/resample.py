@@ -10,7 +10,7 @@ import numpy as np
 from medseg.errors import GeometryError
 from medseg.volume import GRID_ATOL_MM, Volume
 
-__all__ = ["resample_to", "reorient_to", "as_orientation", "Interpolation"]
+__all__ = ["Interpolation", "as_orientation", "reorient_to", "resample_to"]
 
 Interpolation = Literal["nearest", "linear", "bspline"]
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
     from monai.data import MetaTensor
 
-__all__ = ["Volume", "SourceReferences", "GRID_ATOL_MM"]
+__all__ = ["GRID_ATOL_MM", "SourceReferences", "Volume"]
 
 #: Default tolerance (mm) when deciding whether two grids are the same.
 GRID_ATOL_MM = 1e-4
