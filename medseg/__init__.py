@@ -20,5 +20,19 @@ __all__ = [
     "load_volume",
     "save_volume",
     "list_series",
+    "segment",
+    "Segmenter",
+    "Segmentation",
     "__version__",
 ]
+
+# Lazily imported (they need torch and MONAI): ``import medseg`` stays light.
+_LAZY = {"segment": "medseg.inference", "Segmenter": "medseg.inference", "Segmentation": "medseg.inference"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'medseg' has no attribute {name!r}")

@@ -125,5 +125,93 @@ def convert(
     console.print(f"wrote {out}  ({volume.describe_grid()})")
 
 
+models_app = typer.Typer(help="Model cards: shipped, in --models-dir folders, and MONAI bundles.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+_ModelsDir = Annotated[
+    list[Path] | None,
+    typer.Option("--models-dir", help="Folder of model cards / MONAI bundles, searched before the shipped ones "
+                 "(repeatable). Bundle configs can run code: use only folders you trust."),
+]
+
+
+@models_app.command("list")
+def models_list(
+    models_dir: _ModelsDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the models medseg can run."""
+    from medseg.models import list_models
+
+    try:
+        listing = list_models(models_dirs=models_dir or [])
+    except MedsegError as exc:
+        fail(exc)
+        return
+    if as_json:
+        print_json({"models": [c.summary() for c in listing.cards], "problems": list(listing.problems)})
+        return
+    table = Table("name", "version", "kind", "modality", "labels", "origin")
+    for c in listing.cards:
+        table.add_row(c.name, c.version, c.kind, "/".join(c.modality) or "-",
+                      ", ".join(c.labels.names.values()) if c.labels else "-", c.origin)
+    console.print(table)
+    for problem in listing.problems:
+        err_console.print(f"[yellow]skipped:[/] {problem}", highlight=False, soft_wrap=True)
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="Model name, card file or bundle folder.")],
+    models_dir: _ModelsDir = None,
+) -> None:
+    """Show a model card (network, labels, preprocessing, weights, provenance) as JSON."""
+    from medseg.models import find_model
+
+    try:
+        card = find_model(name, models_dirs=models_dir or [])
+    except MedsegError as exc:
+        fail(exc)
+        return
+    print_json(card.summary())
+
+
+@app.command("segment")
+def segment_cmd(
+    src: Annotated[Path, typer.Argument(help="Input scan (DICOM folder/file, NIfTI, NRRD, MHA).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name, card file or MONAI bundle folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output labels (.nii.gz, .nii, .nrrd, .mha).")],
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
+    overlap: Annotated[float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Window overlap.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation (8× slower).")] = False,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="Mixed precision, skip empty windows, 4 windows per call.")] = False,
+    series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    models_dir: _ModelsDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Segment a scan; write labels on the scan's own grid with a label-table sidecar (.labels.json)."""
+    from medseg.inference import InferenceOptions, Segmenter
+    from medseg.io import load_volume, save_volume
+
+    options = InferenceOptions.fast() if fast else InferenceOptions()
+    changes: dict[str, Any] = {"device": device, "overlap": overlap, "amp": amp if amp is not None else options.amp}
+    if tta:
+        changes["tta"] = True
+    try:
+        segmenter = Segmenter(model, models_dirs=models_dir or [], options=options, **changes)
+        result = segmenter.segment(load_volume(src, series_uid=series_uid))
+        written = save_volume(result.labels, out)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    summary = {"input": str(src), "output": str(written), **result.summary()}
+    if as_json:
+        print_json(summary)
+        return
+    console.print(f"wrote {written}  ({result.labels.describe_grid()})")
+    for lab in summary["labels"]:
+        console.print(f"  {lab['value']:>3} {lab['name']:<24} {lab['volume_ml']:>10.2f} mL")
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()

@@ -117,11 +117,14 @@ def load_state_dict(path: str | Path, *, sha256: str | None = None) -> dict[str,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UnsafeCheckpointError(
-            f"{path}: the checkpoint holds pickled Python objects, which medseg refuses to load (they can run code). "
-            f"Re-save only the weights: torch.save(model.state_dict(), path). ({first})"
-        ) from None
+        text = str(exc)
+        if "GLOBAL" in text or "global" in text.lower().split("weightsunpickler error")[-1]:
+            detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+            raise UnsafeCheckpointError(
+                f"{path}: the checkpoint holds pickled Python objects, which medseg refuses to load (they can run "
+                f"code). Re-save only the weights: torch.save(model.state_dict(), path). ({detail[:200]})"
+            ) from None
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint (the file is damaged or of another kind).") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc}).") from None
     return _unwrap(obj, path)
