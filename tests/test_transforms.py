@@ -1,0 +1,182 @@
+"""Pre-processing from a card and the inverse onto the input grid: exact with analytic predictors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import DATA, oblique_affine
+from medseg import Volume
+from medseg.models import parse_card
+
+torch = pytest.importorskip("torch")
+
+
+def card(spacing=None, orientation="RAS", intensity=None, crop=False, output="softmax", n_labels=1, patch=8):
+    return parse_card({
+        "name": "analytic", "modality": "CT", "output": output,
+        "network": {"name": "UNet", "kwargs": {}},
+        "labels": [{"value": v, "name": f"c{v}"} for v in range(1, n_labels + 1)],
+        "preprocessing": {"orientation": orientation, "spacing_mm": spacing,
+                          "intensity": intensity or {"kind": "none"}, "crop_foreground": crop,
+                          "foreground_threshold": 0.0},
+        "inference": {"patch_size": [patch] * 3, "overlap": 0.5, "blending": "gaussian"},
+    })
+
+
+def world_ramp(shape, affine, coef=(0.05, -0.03, 0.02), offset=0.1) -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    return (xyz @ np.asarray(coef) + offset).astype(np.float32)
+
+
+def identity_scores(prepared):
+    """Two-class softmax scores whose class-1 logit is the image itself."""
+    from medseg.transforms import to_probabilities
+
+    x = prepared.image
+    return to_probabilities(torch.cat([torch.zeros_like(x), x]).clone(), "softmax")
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPI", "SAR", None])
+def test_reorientation_only_is_an_exact_permutation(orientation) -> None:
+    from medseg.transforms import invert_to_input, label_lookup, prepare
+
+    rng = np.random.default_rng(3)
+    arr = rng.normal(size=(17, 13, 9)).astype(np.float32)
+    vol = Volume(arr, oblique_affine(), modality="CT")
+    c = card(orientation=orientation)
+    prepared = prepare(vol, c)
+    assert sorted(prepared.image.shape[1:]) == sorted(arr.shape)
+    labels, probs = invert_to_input(identity_scores(prepared), prepared, label_lookup(c.labels, "softmax"),
+                                    output="softmax", probabilities=True)
+    np.testing.assert_allclose(probs[..., 1], 1 / (1 + np.exp(-arr)), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(labels, (arr > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("spacing", [(1.1, 0.9, 1.7), (0.6, 2.5, 1.3)])
+@pytest.mark.parametrize("flip", [True, False])
+def test_resampling_round_trip_is_exact_for_a_linear_world_ramp(spacing, flip) -> None:
+    """A function linear in world mm survives trilinear resampling exactly: any axis, origin or flip mistake fails."""
+    from medseg.transforms import invert_to_input, label_lookup, prepare
+
+    affine = oblique_affine(spacing=(0.7, 1.3, 2.9), flip=flip)
+    shape = (17, 13, 9)
+    ramp = world_ramp(shape, affine)
+    vol = Volume(ramp, affine, modality="CT")
+    c = card(spacing=spacing)
+    prepared = prepare(vol, c)
+    # The network grid has the card's spacing and covers the same world region.
+    np.testing.assert_allclose(np.linalg.norm(prepared.affine[:3, :3], axis=0), spacing, rtol=1e-5)
+    net_ramp = world_ramp(prepared.image.shape[1:], prepared.affine)
+    inner = (slice(1, -1),) * 3
+    np.testing.assert_allclose(prepared.image[0].numpy()[inner], net_ramp[inner], atol=2e-3)
+    labels, probs = invert_to_input(identity_scores(prepared), prepared, label_lookup(c.labels, "softmax"),
+                                    output="softmax", probabilities=True)
+    p = probs[..., 1].astype(np.float64)
+    logit = np.log(p / (1 - p))
+    core = (slice(2, -2),) * 3
+    np.testing.assert_allclose(logit[core], ramp[core], atol=2e-3)
+    assert labels.shape == shape
+    margin = np.abs(ramp) > 5e-3
+    np.testing.assert_array_equal(labels[core][margin[core]], (ramp[core] > 0)[margin[core]])
+
+
+def test_slab_size_does_not_change_the_result() -> None:
+    from medseg.transforms import invert_to_input, label_lookup, prepare
+
+    affine = oblique_affine()
+    vol = Volume(world_ramp((17, 13, 9), affine), affine, modality="CT")
+    c = card(spacing=(1.0, 1.0, 1.0))
+    prepared = prepare(vol, c)
+    scores = identity_scores(prepared)
+    lut = label_lookup(c.labels, "softmax")
+    a, pa = invert_to_input(scores, prepared, lut, output="softmax", probabilities=True, slab_bytes=1)
+    b, pb = invert_to_input(scores, prepared, lut, output="softmax", probabilities=True, slab_bytes=1 << 30)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(pa, pb)
+
+
+def test_sigmoid_output_is_background_unless_a_probability_exceeds_half() -> None:
+    from medseg.transforms import invert_to_input, label_lookup, prepare
+
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(9, 8, 7)).astype(np.float32)
+    vol = Volume(arr, oblique_affine(), modality="CT")
+    c = card(output="sigmoid", n_labels=2)
+    prepared = prepare(vol, c)
+    x = prepared.image
+    scores = torch.sigmoid(torch.cat([x, 0.5 * x + 0.3]))
+    labels, _ = invert_to_input(scores, prepared, label_lookup(c.labels, "sigmoid"), output="sigmoid")
+    l1, l2 = arr, 0.5 * arr + 0.3
+    expected = np.where((l1 <= 0) & (l2 <= 0), 0, np.where(l1 >= l2, 1, 2))
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_foreground_crop_is_undone_with_background_outside() -> None:
+    from medseg.transforms import invert_to_input, label_lookup, prepare
+
+    arr = np.full((20, 16, 12), -1.0, dtype=np.float32)
+    arr[5:14, 4:11, 3:9] = 1.0
+    vol = Volume(arr, oblique_affine(), modality="CT")
+    c = card(spacing=(1.0, 1.0, 2.0), crop=True)
+    prepared = prepare(vol, c)
+    assert prepared.cropped and prepared.image.shape[1] < 20
+    # A predictor saying "class 1 everywhere" must still give background outside the crop box.
+    x = prepared.image
+    scores = torch.softmax(torch.cat([torch.zeros_like(x), torch.full_like(x, 5.0)]), dim=0)
+    labels, _ = invert_to_input(scores, prepared, label_lookup(c.labels, "softmax"), output="softmax")
+    assert labels[0, 0, 0] == 0 and labels[-1, -1, -1] == 0
+    assert labels[7:12, 6:9, 4:7].all()
+
+
+def test_intensity_normalisations_follow_the_card() -> None:
+    from medseg.transforms import prepare
+
+    rng = np.random.default_rng(1)
+    arr = rng.normal(100, 300, size=(10, 9, 8)).astype(np.float32)
+    vol = Volume(arr, np.diag([0.8, 0.8, 2.5, 1.0]), modality="CT")
+    window = prepare(vol, card(intensity={"kind": "ct_window", "a_min": -100, "a_max": 400, "b_min": 0.0,
+                                          "b_max": 1.0, "clip": True}))
+    np.testing.assert_allclose(window.image[0].numpy(), np.clip((arr + 100) / 500, 0, 1), atol=1e-6)
+    assert window.floor == 0.0
+    z = prepare(vol, card(intensity={"kind": "zscore"})).image[0].numpy()
+    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-3
+    assert prepare(vol, card(intensity={"kind": "zscore"})).floor is None
+    pct = prepare(vol, card(intensity={"kind": "percentile", "lower": 5, "upper": 95, "clip": True})).image
+    assert float(pct.min()) == 0.0 and float(pct.max()) == 1.0
+
+
+def test_real_ct_sample_comes_back_on_its_grid() -> None:
+    """MSD spleen crop (real CT): threshold predictor at 1.5 × 1.5 × 2 mm, back on the scan's own grid."""
+    from medseg.io import load_volume
+    from medseg.transforms import invert_to_input, label_lookup, prepare
+
+    vol = load_volume(DATA / "msd_spleen_crop" / "sub-spleen2_ct.nii.gz", modality="CT")
+    c = card(spacing=(1.5, 1.5, 2.0), intensity={"kind": "ct_window", "a_min": -200, "a_max": 300, "clip": True})
+    prepared = prepare(vol, c)
+    x = prepared.image
+    scores = torch.softmax(torch.cat([torch.zeros_like(x), 40 * (x - 0.5)]), dim=0)  # soft threshold at 50 HU
+    labels, _ = invert_to_input(scores, prepared, label_lookup(c.labels, "softmax"), output="softmax")
+    assert labels.shape == vol.shape
+    direct = vol.array > 50
+    dice = 2 * (direct & (labels == 1)).sum() / (direct.sum() + (labels == 1).sum())
+    assert dice > 0.9, dice
+
+
+def test_wrong_inputs_are_refused() -> None:
+    from medseg.errors import ChannelCountError, NotVolumetricError
+    from medseg.transforms import prepare
+
+    with pytest.raises(NotVolumetricError, match="needs a 3D volume with at least 2 voxels along every axis"):
+        prepare(Volume(np.zeros((64, 64, 1), np.float32), np.eye(4)), card())
+    with pytest.raises(ChannelCountError, match=r"takes 1 input channel\(s\), but got a 4D image with 3 volumes"):
+        prepare(Volume(np.zeros((8, 8, 8, 3), np.float32), np.eye(4)), card())
+
+
+def test_label_lookup_widens_to_uint16() -> None:
+    from medseg.labels import LabelTable
+    from medseg.transforms import label_lookup
+
+    assert label_lookup(LabelTable.from_names({1: "a", 7: "b"}), "softmax").tolist() == [0, 1, 7]
+    assert label_lookup(LabelTable.from_names({1: "a", 300: "b"}), "softmax").dtype == np.uint16
