@@ -1,0 +1,72 @@
+"""Post-processing: largest component of organs, small components in mL, holes; kinds and grids respected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import oblique_affine
+from medseg import Volume
+from medseg.errors import LabelTableError
+from medseg.labels import Label, LabelTable
+from medseg.models.cards import PostprocessSpec
+from medseg.postprocess import fill_holes, largest_component, postprocess_labels, remove_small_components
+
+TABLE = LabelTable([Label(1, "liver", (200, 0, 0), "organ"), Label(2, "tumour", (0, 200, 0), "lesion")])
+
+
+def scene() -> np.ndarray:
+    a = np.zeros((20, 16, 12), np.uint8)
+    a[2:12, 2:12, 2:10] = 1          # liver, 800 voxels
+    a[5:8, 5:8, 4:7] = 2             # tumour inside the liver (27 voxels)
+    a[15:17, 13:15, 1:3] = 1         # stray liver island, 8 voxels
+    a[16:19, 2:5, 8:11] = 2          # second tumour, 27 voxels
+    a[0, 15, 11] = 2                 # one-voxel tumour speck
+    a[9, 9, 5] = 0                   # a hole in the liver
+    return a
+
+
+def test_largest_component_and_small_components() -> None:
+    m = scene() == 1
+    assert largest_component(m).sum() == m.sum() - 8
+    assert not largest_component(np.zeros((3, 3, 3), bool)).any()
+    t = scene() == 2
+    assert remove_small_components(t, 2).sum() == 54
+    assert remove_small_components(t, 28).sum() == 0
+
+
+def test_fill_holes_fills_enclosed_cavities_only() -> None:
+    m = np.zeros((7, 7, 7), bool)
+    m[1:6, 1:6, 1:6] = True
+    m[3, 3, 3] = False
+    m[1, 3, 3] = False  # a dent open to the outside
+    filled = fill_holes(m)
+    assert filled[3, 3, 3] and not filled[1, 3, 3]
+
+
+def test_postprocess_uses_kinds_and_keeps_other_labels_in_holes() -> None:
+    vol = Volume(scene(), np.diag([1.0, 1.0, 1.0, 1.0]), labels=TABLE)
+    out = postprocess_labels(vol, PostprocessSpec(largest_component=True, min_component_ml=0.002, fill_holes=True))
+    a = out.array
+    assert out.labels == TABLE and out.same_grid(vol) and a.dtype == np.uint8
+    assert (a[15:17, 13:15, 1:3] == 0).all()        # liver island: not the largest organ component
+    assert (a[16:19, 2:5, 8:11] == 2).all()         # lesions keep every component above the size limit
+    assert a[0, 15, 11] == 0                        # 1 voxel = 0.001 mL < 0.002 mL
+    assert a[9, 9, 5] == 1                          # hole filled
+    assert (a[5:8, 5:8, 4:7] == 2).all()            # the tumour inside the liver is not overwritten
+    assert postprocess_labels(vol, PostprocessSpec()) is vol
+
+
+def test_minimum_size_is_in_ml_on_anisotropic_grids() -> None:
+    """8 voxels of 0.7 × 1.3 × 2.9 mm = 21.1 mm³: kept at 0.02 mL, removed at 0.022 mL, whatever the rotation."""
+    a = np.zeros((9, 8, 7), np.uint8)
+    a[1:3, 1:3, 1:3] = 2
+    vol = Volume(a, oblique_affine(spacing=(0.7, 1.3, 2.9)), labels=TABLE)
+    assert vol.voxel_volume_ml * 8 == pytest.approx(0.021112, abs=1e-6)
+    assert postprocess_labels(vol, min_component_ml=0.020).array.sum() == 16
+    assert postprocess_labels(vol, min_component_ml=0.022).array.sum() == 0
+
+
+def test_postprocess_needs_a_label_table() -> None:
+    with pytest.raises(LabelTableError, match="needs a label table"):
+        postprocess_labels(Volume(scene(), np.eye(4)), fill=True)
