@@ -212,6 +212,41 @@ def label_lookup(card_labels: LabelTable, output: Literal["softmax", "sigmoid"])
     return np.asarray(values, dtype=dtype)
 
 
+def _axis_aligned(m: np.ndarray) -> tuple[list[int], list[float], list[float]] | None:
+    """If each input axis maps to one network axis (scale and offset only), return (perm, scale, offset) with
+    network index along axis ``perm[a]`` = ``scale[a] * i_a + offset[a]``; else None."""
+    lin = m[:3, :3]
+    tol = 1e-7 * max(1.0, float(np.abs(lin).max()))
+    perm: list[int] = []
+    for a in range(3):
+        nz = np.flatnonzero(np.abs(lin[:, a]) > tol)
+        if len(nz) != 1:
+            return None
+        perm.append(int(nz[0]))
+    if sorted(perm) != [0, 1, 2]:
+        return None
+    return perm, [float(lin[perm[a], a]) for a in range(3)], [float(m[perm[a], 3]) for a in range(3)]
+
+
+def _lerp_axis(t: torch.Tensor, dim: int, q: np.ndarray) -> torch.Tensor:
+    """Linear interpolation of ``t`` along ``dim`` at continuous indices ``q`` (clamped to the edge voxels)."""
+    import torch
+
+    n = t.shape[dim]
+    qc = np.clip(q, 0.0, n - 1)
+    lo = np.minimum(np.floor(qc).astype(np.int64), max(n - 2, 0))
+    w = torch.from_numpy((qc - lo).astype(np.float32))
+    hi = np.minimum(lo + 1, n - 1)
+    shape = [1] * t.ndim
+    shape[dim] = len(q)
+    w = w.view(shape)
+    a = t.index_select(dim, torch.from_numpy(lo)).to(torch.float32)
+    if n == 1:
+        return a
+    b = t.index_select(dim, torch.from_numpy(hi)).to(torch.float32)
+    return torch.lerp(a, b, w)
+
+
 def _signed_permutation(m: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
     """True if ``m`` (input index → network index) maps input voxel centres exactly onto network voxel centres."""
     lin = m[:3, :3]
@@ -311,7 +346,33 @@ def invert_to_input(
                 probs[:, :, k0:k0 + step] = slab.permute(1, 2, 3, 0).numpy()
         return labels, probs
 
-    # General case: trilinear sampling at mapped voxel centres, slab by slab along the input's last axis.
+    axis_map = _axis_aligned(m)
+    if axis_map is not None:
+        # Axis-aligned grids (the usual case: only spacing, origin, order or direction signs differ): trilinear
+        # interpolation is a product of three 1D linear interpolations, done one axis at a time.
+        perm, scale, offset = axis_map
+        coords = [scale[a] * np.arange(in_shape[a], dtype=np.float64) + offset[a] for a in range(3)]
+        step = max(1, int(slab_bytes // max(1, n_ch * in_shape[0] * in_shape[1] * 4)))
+        for k0 in range(0, in_shape[2], step):
+            k1 = min(in_shape[2], k0 + step)
+            slab = scores
+            for a in (2, 1, 0):
+                q = coords[a][k0:k1] if a == 2 else coords[a]
+                slab = _lerp_axis(slab, 1 + perm[a], q)
+            slab = slab.permute(0, *[1 + perm[a] for a in range(3)])  # (C, I, J, n) in input axis order
+            inside = None
+            if prepared.cropped:
+                ins = [torch.from_numpy((q > -0.5) & (q < net_shape[perm[a]] - 0.5))
+                       for a, q in enumerate((coords[0], coords[1], coords[2][k0:k1]))]
+                inside = (ins[0][:, None, None] & ins[1][None, :, None] & ins[2][None, None, :]).unsqueeze(0)
+            lab, slab = finish(slab, inside)
+            labels[..., k0:k1] = lab.numpy()
+            if probs is not None:
+                probs[:, :, k0:k1] = slab.permute(1, 2, 3, 0).numpy()
+        return labels, probs
+
+    # General case (oblique to each other): trilinear sampling at mapped voxel centres, slab by slab along the
+    # input's last axis.
     vol = scores.unsqueeze(0)  # (1, C, D=I', H=J', W=K')
     if vol.dtype not in (torch.float32, torch.float64):
         vol = vol.to(torch.float32)

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import DATA, oblique_affine
 from medseg import Volume
+from medseg.labels import LabelTable
 from medseg.models import parse_card
 
 torch = pytest.importorskip("torch")
@@ -180,3 +181,50 @@ def test_label_lookup_widens_to_uint16() -> None:
 
     assert label_lookup(LabelTable.from_names({1: "a", 7: "b"}), "softmax").tolist() == [0, 1, 7]
     assert label_lookup(LabelTable.from_names({1: "a", 300: "b"}), "softmax").dtype == np.uint16
+
+
+def _prepared_on(image: np.ndarray, affine: np.ndarray, vol: Volume):
+    from medseg.transforms import Prepared
+
+    return Prepared(torch.from_numpy(image)[None], affine, vol.shape, vol.affine, None)
+
+
+def test_oblique_network_grid_uses_general_trilinear_sampling() -> None:
+    """A network grid rotated against the input grid (not reachable with MONAI's Spacing, but allowed)."""
+    from medseg.transforms import invert_to_input, label_lookup
+
+    in_aff = oblique_affine(spacing=(0.9, 1.1, 1.6))
+    vol = Volume(np.zeros((15, 13, 11), np.float32), in_aff)
+    net_aff = oblique_affine(spacing=(0.8, 0.8, 0.8), angle_deg=-31.0, flip=False, origin=(-20.0, 20.0, -10.0))
+    net_shape = (48, 48, 40)
+    centre = vol.world_mm((np.array(vol.shape) - 1) / 2)
+    net_aff[:3, 3] = centre - net_aff[:3, :3] @ ((np.array(net_shape) - 1) / 2)  # centred on the input
+    ramp_net = world_ramp(net_shape, net_aff)
+    prepared = _prepared_on(ramp_net, net_aff, vol)
+    lut = label_lookup(card().labels, "softmax")
+    scores = torch.softmax(torch.cat([torch.zeros_like(prepared.image), prepared.image]), dim=0)
+    _, probs = invert_to_input(scores, prepared, lut, output="softmax", probabilities=True)
+    p = probs[..., 1].astype(np.float64)
+    ijk_net = vol.world_mm(np.stack(np.meshgrid(*[np.arange(s) for s in vol.shape], indexing="ij"), -1))
+    idx = ijk_net @ np.linalg.inv(net_aff)[:3, :3].T + np.linalg.inv(net_aff)[:3, 3]
+    ok = np.all((idx > 0) & (idx < np.array(net_shape) - 1), axis=-1)
+    assert ok.mean() > 0.8
+    np.testing.assert_allclose(np.log(p / (1 - p))[ok], world_ramp(vol.shape, in_aff)[ok], atol=1e-3)
+
+
+def test_separable_and_general_interpolation_agree() -> None:
+    from medseg.transforms import invert_to_input, label_lookup
+
+    rng = np.random.default_rng(5)
+    vol = Volume(np.zeros((19, 14, 9), np.float32), oblique_affine(spacing=(0.7, 1.3, 2.9)))
+    net_aff = vol.affine @ np.array([[0, 1.7, 0, 2.3], [-1.4, 0, 0, 15.2], [0, 0, 0.6, -1.1], [0, 0, 0, 1.0]])
+    scores = torch.softmax(torch.from_numpy(rng.normal(size=(4, 12, 14, 36)).astype(np.float32)), dim=0)
+    lut = label_lookup(LabelTable.from_names({1: "a", 2: "b", 3: "c"}), "softmax")
+    prepared = _prepared_on(np.zeros((12, 14, 36), np.float32), net_aff, vol)
+    la, pa = invert_to_input(scores, prepared, lut, output="softmax", probabilities=True)
+    tiny = np.eye(4)
+    tiny[:3, :3] = np.array([[1, -1e-6, 0], [1e-6, 1, 0], [0, 0, 1]])  # forces the general path
+    lb, pb = invert_to_input(scores, _prepared_on(np.zeros((12, 14, 36), np.float32), net_aff @ tiny, vol), lut,
+                             output="softmax", probabilities=True)
+    np.testing.assert_allclose(pa, pb, atol=1e-4)
+    assert (la == lb).mean() > 0.999
