@@ -213,5 +213,53 @@ def segment_cmd(
         console.print(f"  {lab['value']:>3} {lab['name']:<24} {lab['volume_ml']:>10.2f} mL")
 
 
+@app.command("train")
+def train_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML), e.g. workflows/train-phantom-abdomen-ct.yaml.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: the recipe's output_dir).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue from a last.pt written by this recipe.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override training.epochs.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA if present).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (no progress bar).")] = False,
+) -> None:
+    """Train a network from a recipe; write the best weights with their model card, last.pt, metrics.csv, curves.png."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from medseg.train import ProgressEvent, train
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=as_json)
+    task = bar.add_task("caching cases", total=None)
+
+    def show(ev: ProgressEvent) -> None:
+        if ev.kind == "start":
+            bar.update(task, description="training", total=(ev.epochs - ev.epoch + 1) * ev.steps, completed=0)
+        elif ev.kind == "step":
+            bar.update(task, advance=1, description=f"epoch {ev.epoch}/{ev.epochs} loss {ev.loss:.3f}")
+        elif ev.kind == "epoch" and ev.record is not None and ev.record.val_mean_dice is not None:
+            bar.console.print(f"epoch {ev.epoch}: loss {ev.record.train_loss:.4f}, validation mean Dice "
+                              f"{ev.record.val_mean_dice:.4f}", highlight=False)
+
+    try:
+        with bar:
+            result = train(recipe, output_dir=out, resume=resume, epochs=epochs, device=device, progress=show)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    best = next(r for r in result.history if r.epoch == result.best_epoch)
+    summary = {"output_dir": str(result.output_dir), "card": str(result.card_path), "weights": str(result.weights_path),
+               "checkpoint": str(result.checkpoint_path), "best_epoch": result.best_epoch,
+               "best_mean_dice": result.best_mean_dice, "validation_dice": best.val_dice,
+               "metrics_csv": str(result.metrics_csv), "curves_png": str(result.curves_png),
+               "seconds": round(result.seconds, 1)}
+    if as_json:
+        print_json(summary)
+        return
+    console.print(f"best epoch {result.best_epoch}: mean validation Dice {result.best_mean_dice:.4f}")
+    for name, dice in (best.val_dice or {}).items():
+        console.print(f"  {name:<24} {dice:.4f}")
+    console.print(f"model card {result.card_path}\nweights    {result.weights_path}\nresume     {result.checkpoint_path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()

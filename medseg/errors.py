@@ -29,6 +29,7 @@ __all__ = [
     "NonUniformSpacingError",
     "NotVolumetricError",
     "PhantomError",
+    "RecipeError",
     "RegionError",
     "ResultsLayoutError",
     "UnknownNetworkError",
@@ -153,3 +154,7 @@ class DeviceError(MedsegError, ValueError):
 
 class ResultsLayoutError(MedsegError, ValueError):
     """A results folder for a report does not have the documented layout (RESULTS_DIR/<case_id>/pred.*)."""
+
+
+class RecipeError(MedsegError, ValueError):
+    """A training recipe (YAML) or its dataset manifest is missing, malformed or names files that do not exist."""
