@@ -228,6 +228,130 @@ def _axis_aligned(m: np.ndarray) -> tuple[list[int], list[float], list[float]] |
     return perm, [float(lin[perm[a], a]) for a in range(3)], [float(m[perm[a], 3]) for a in range(3)]
 
 
+def _first_argmax(values: torch.Tensor, *, floor: float | None) -> torch.Tensor:
+    """Index of the first maximum over dim 0 (``floor`` is a constant channel 0 in front, for sigmoid outputs)."""
+    import torch
+
+    if floor is None:
+        best, first = values[0].clone(), 1
+    else:
+        best, first = torch.full_like(values[0], floor), 0
+    idx = torch.zeros(values.shape[1:], dtype=torch.int64)
+    for c in range(first, values.shape[0]):
+        better = values[c] > best
+        idx.masked_fill_(better, c + 1 - first)
+        best = torch.maximum(best, values[c])
+    return idx
+
+
+def _labels_axis_aligned(
+    scores: torch.Tensor,
+    axis_map: tuple[list[int], list[float], list[float]],
+    in_shape: tuple[int, int, int],
+    lookup: np.ndarray,
+    *,
+    output: Literal["softmax", "sigmoid"],
+    cropped: bool,
+    slab_bytes: int,
+    max_boundary_fraction: float = 0.08,
+) -> np.ndarray | None:
+    """Argmax of the trilinearly interpolated scores, computed exactly but only where it can differ from the
+    corners' argmax; None when more than ``max_boundary_fraction`` of the cells hold a class boundary.
+
+    Trilinear interpolation is a convex combination of a cell's 8 corners, so if one class is the (first) maximum
+    at all 8 corners it is the maximum everywhere in the cell. Those voxels take the corner label; the others
+    (near class boundaries, a few percent) are interpolated exactly from their 8 corners.
+    """
+    import torch
+
+    perm, scale, offset = axis_map
+    net_shape = tuple(int(n) for n in scores.shape[1:])
+    n_ch = int(scores.shape[0])
+    floor = 0.5 if output == "sigmoid" else None
+    corner = _first_argmax(scores, floor=floor)  # (N0, N1, N2) int64
+    # Cells: corner (lower) index per axis, clamped so a cell always has two corners (one for size-1 axes).
+    pad = [(0, 1) if n == 1 else (0, 0) for n in net_shape]
+    ext = corner
+    for r, (_, p) in enumerate(pad):
+        if p:
+            ext = torch.cat([ext, ext.narrow(r, 0, 1)], dim=r)
+    c0 = ext[:-1, :-1, :-1]
+    uniform = torch.ones_like(c0, dtype=torch.bool)
+    for di in (0, 1):
+        for dj in (0, 1):
+            for dk in (0, 1):
+                if di or dj or dk:
+                    uniform &= ext[di:di + c0.shape[0], dj:dj + c0.shape[1], dk:dk + c0.shape[2]] == c0
+    if float((~uniform).float().mean()) > max_boundary_fraction:
+        return None  # boundaries everywhere (a noisy model): the dense separable path is faster
+    lo_net: list[torch.Tensor] = [torch.empty(0)] * 3
+    w_net: list[torch.Tensor] = [torch.empty(0)] * 3
+    inside_net: list[torch.Tensor] = [torch.empty(0)] * 3
+    for a in range(3):
+        r = perm[a]
+        n = net_shape[r]
+        q = scale[a] * np.arange(in_shape[a], dtype=np.float64) + offset[a]
+        qc = np.clip(q, 0.0, n - 1)
+        lo = np.minimum(np.floor(qc).astype(np.int64), max(n - 2, 0))
+        lo_net[r] = torch.from_numpy(lo)
+        w_net[r] = torch.from_numpy((qc - lo).astype(np.float32))
+        inside_net[r] = torch.from_numpy((q > -0.5) & (q < n - 0.5))
+    lut = torch.from_numpy(lookup.astype(np.int64))
+    labels = np.zeros(in_shape, dtype=lookup.dtype)
+    flat = scores.reshape(n_ch, -1)
+    strides = (net_shape[1] * net_shape[2], net_shape[2], 1)
+    a_s = perm.index(0)
+    others = [a for a in range(3) if a != a_s]
+    step = max(1, int(slab_bytes // max(1, 16 * in_shape[others[0]] * in_shape[others[1]])))
+
+    def shaped(t: torch.Tensor, a: int) -> torch.Tensor:
+        view = [1, 1, 1]
+        view[a] = -1
+        return t.view(view)
+
+    for s0 in range(0, in_shape[a_s], step):
+        s1 = min(in_shape[a_s], s0 + step)
+        # lo index per network axis, laid out along the input axis it comes from.
+        idx = []
+        for r in range(3):
+            a = perm.index(r)
+            t = lo_net[r][s0:s1] if a == a_s else lo_net[r]
+            idx.append(shaped(t, a))
+        slab_idx = c0[idx[0], idx[1], idx[2]]  # (slab in input axis order)
+        slab_uniform = uniform[idx[0], idx[1], idx[2]]
+        todo = torch.nonzero(~slab_uniform)  # (M, 3) input-order positions within the slab
+        if len(todo):
+            total = torch.zeros((n_ch, len(todo)), dtype=torch.float32)
+            los, ws = [], []
+            for r in range(3):
+                a = perm.index(r)
+                pos = todo[:, a] + (s0 if a == a_s else 0)
+                los.append(lo_net[r][pos])
+                ws.append(w_net[r][pos])
+            for di in (0, 1):
+                for dj in (0, 1):
+                    for dk in (0, 1):
+                        weight = torch.ones(len(todo), dtype=torch.float32)
+                        offset_flat = torch.zeros(len(todo), dtype=torch.int64)
+                        for r, d in enumerate((di, dj, dk)):
+                            weight = weight * (ws[r] if d else 1 - ws[r])
+                            hi = torch.clamp(los[r] + d, max=net_shape[r] - 1)
+                            offset_flat = offset_flat + hi * strides[r]
+                        total += flat[:, offset_flat].to(torch.float32) * weight
+            exact = _first_argmax(total, floor=floor)
+            slab_idx[todo[:, 0], todo[:, 1], todo[:, 2]] = exact
+        if cropped:
+            ins = []
+            for a in range(3):
+                r = perm[a]
+                t = inside_net[r][s0:s1] if a == a_s else inside_net[r]
+                ins.append(shaped(t, a))
+            slab_idx = torch.where(ins[0] & ins[1] & ins[2], slab_idx, torch.zeros((), dtype=torch.int64))
+        index = tuple(slice(s0, s1) if a == a_s else slice(None) for a in range(3))
+        labels[index] = lut[slab_idx].numpy()
+    return labels
+
+
 def _lerp_axis(t: torch.Tensor, dim: int, q: np.ndarray) -> torch.Tensor:
     """Linear interpolation of ``t`` along ``dim`` at continuous indices ``q`` (clamped to the edge voxels)."""
     import torch
@@ -240,10 +364,12 @@ def _lerp_axis(t: torch.Tensor, dim: int, q: np.ndarray) -> torch.Tensor:
     shape = [1] * t.ndim
     shape[dim] = len(q)
     w = w.view(shape)
-    a = t.index_select(dim, torch.from_numpy(lo)).to(torch.float32)
+    # Advanced indexing: torch's index_select is very slow along inner dimensions on CPU.
+    lead = (slice(None),) * dim
+    a = t[(*lead, torch.from_numpy(lo))].to(torch.float32)
     if n == 1:
         return a
-    b = t.index_select(dim, torch.from_numpy(hi)).to(torch.float32)
+    b = t[(*lead, torch.from_numpy(hi))].to(torch.float32)
     return torch.lerp(a, b, w)
 
 
@@ -309,10 +435,17 @@ def invert_to_input(
             slab = slab * inside
             if output == "softmax":
                 slab[0] = torch.where(inside[0], slab[0], torch.ones((), dtype=slab.dtype))
+        # Channel by channel (fast on strided slabs); strict ">" keeps the first maximum, as torch.argmax does.
         if output == "sigmoid":
-            idx = torch.cat([torch.full_like(slab[:1], 0.5), slab]).argmax(dim=0)
+            best, idx = torch.full_like(slab[0], 0.5), torch.zeros(slab.shape[1:], dtype=torch.int64)
+            first = 0
         else:
-            idx = slab.argmax(dim=0)
+            best, idx = slab[0].clone(), torch.zeros(slab.shape[1:], dtype=torch.int64)
+            first = 1
+        for c in range(first, slab.shape[0]):
+            better = slab[c] > best
+            idx.masked_fill_(better, c + 1 - first)
+            best = torch.maximum(best, slab[c])
         return lut[idx], slab
 
     if _signed_permutation(m, in_shape, net_shape):
@@ -347,28 +480,37 @@ def invert_to_input(
         return labels, probs
 
     axis_map = _axis_aligned(m)
+    if axis_map is not None and not probabilities:
+        sparse = _labels_axis_aligned(scores, axis_map, in_shape, lookup, output=output, cropped=prepared.cropped,
+                                      slab_bytes=slab_bytes)
+        if sparse is not None:
+            return sparse, None
     if axis_map is not None:
         # Axis-aligned grids (the usual case: only spacing, origin, order or direction signs differ): trilinear
-        # interpolation is a product of three 1D linear interpolations, done one axis at a time.
+        # interpolation is a product of three 1D linear interpolations, done one axis at a time. Slabs run along
+        # the input axis that maps to the first network axis, so every gather copies contiguous blocks.
         perm, scale, offset = axis_map
         coords = [scale[a] * np.arange(in_shape[a], dtype=np.float64) + offset[a] for a in range(3)]
-        step = max(1, int(slab_bytes // max(1, n_ch * in_shape[0] * in_shape[1] * 4)))
-        for k0 in range(0, in_shape[2], step):
-            k1 = min(in_shape[2], k0 + step)
-            slab = scores
-            for a in (2, 1, 0):
-                q = coords[a][k0:k1] if a == 2 else coords[a]
-                slab = _lerp_axis(slab, 1 + perm[a], q)
-            slab = slab.permute(0, *[1 + perm[a] for a in range(3)])  # (C, I, J, n) in input axis order
+        a_s = perm.index(0)
+        a1, a2 = sorted((a for a in range(3) if a != a_s), key=lambda a: perm[a])
+        step = max(1, int(slab_bytes // max(1, n_ch * in_shape[a1] * in_shape[a2] * 4)))
+        for s0 in range(0, in_shape[a_s], step):
+            s1 = min(in_shape[a_s], s0 + step)
+            slab = _lerp_axis(scores, 1, coords[a_s][s0:s1])  # (C, n, N1, N2)
+            slab = _lerp_axis(slab, 2, coords[a1])  # (C, n, I_a1, N2)
+            slab = _lerp_axis(slab, 3, coords[a2])  # (C, n, I_a1, I_a2)
+            where = {a_s: 1, a1: 2, a2: 3}
+            slab = slab.permute(0, where[0], where[1], where[2])  # input axis order
             inside = None
             if prepared.cropped:
-                ins = [torch.from_numpy((q > -0.5) & (q < net_shape[perm[a]] - 0.5))
-                       for a, q in enumerate((coords[0], coords[1], coords[2][k0:k1]))]
+                ranges = [coords[a][s0:s1] if a == a_s else coords[a] for a in range(3)]
+                ins = [torch.from_numpy((q > -0.5) & (q < net_shape[perm[a]] - 0.5)) for a, q in enumerate(ranges)]
                 inside = (ins[0][:, None, None] & ins[1][None, :, None] & ins[2][None, None, :]).unsqueeze(0)
             lab, slab = finish(slab, inside)
-            labels[..., k0:k1] = lab.numpy()
+            index = tuple(slice(s0, s1) if a == a_s else slice(None) for a in range(3))
+            labels[index] = lab.numpy()
             if probs is not None:
-                probs[:, :, k0:k1] = slab.permute(1, 2, 3, 0).numpy()
+                probs[index] = slab.permute(1, 2, 3, 0).numpy()
         return labels, probs
 
     # General case (oblique to each other): trilinear sampling at mapped voxel centres, slab by slab along the

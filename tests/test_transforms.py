@@ -228,3 +228,38 @@ def test_separable_and_general_interpolation_agree() -> None:
                              output="softmax", probabilities=True)
     np.testing.assert_allclose(pa, pb, atol=1e-4)
     assert (la == lb).mean() > 0.999
+
+
+@pytest.mark.parametrize("output", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("cropped", [False, True])
+def test_boundary_only_argmax_equals_dense_interpolation(output, cropped, monkeypatch) -> None:
+    """Labels-only inversion interpolates exactly only in cells whose corners disagree; it must equal the dense
+    separable interpolation (used when probabilities are asked for) everywhere."""
+    from medseg.transforms import Prepared, _labels_axis_aligned, invert_to_input, label_lookup
+
+    vol = Volume(np.zeros((41, 37, 23), np.float32), oblique_affine(spacing=(0.7, 0.8, 1.1)))
+    net_aff = vol.affine @ np.array([[0, 1.9, 0, -1.3], [-2.1, 0, 0, 38.0], [0, 0, 1.6, 0.4], [0, 0, 0, 1.0]])
+    n = (20, 23, 15)
+    ii = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in n], indexing="ij"), 0)
+    centres = [(-0.4, 0.2, 0.1), (0.45, -0.3, -0.2), (0.0, 0.5, 0.4)]
+    logits = [np.zeros(n)] + [4 - 12 * ((ii - np.array(c)[:, None, None, None]) ** 2).sum(0) for c in centres]
+    scores = torch.from_numpy(np.stack(logits).astype(np.float32))
+    scores = torch.softmax(scores, 0) if output == "softmax" else torch.sigmoid(scores[1:])
+    table = LabelTable.from_names({2: "a", 4: "b", 9: "c"})
+    prepared = Prepared(torch.zeros(1, *n), net_aff, vol.shape, vol.affine, None, cropped=cropped)
+    lut = label_lookup(table, output)
+    import medseg.transforms as T
+
+    used = []
+
+    def spy(*args, **kwargs):
+        out = _labels_axis_aligned(*args, **kwargs, max_boundary_fraction=1.0)  # always the sparse path
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(T, "_labels_axis_aligned", spy)
+    sparse, _ = invert_to_input(scores, prepared, lut, output=output, slab_bytes=1 << 16)
+    assert used == [True]
+    dense, _ = invert_to_input(scores, prepared, lut, output=output, probabilities=True)
+    assert set(np.unique(dense)) == {0, 2, 4, 9}
+    np.testing.assert_array_equal(sparse, dense)
