@@ -264,8 +264,10 @@ def _seeds(source: str, value: Any, where: str) -> tuple[int, ...]:
     ok = isinstance(value, (list, tuple)) and value and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     if not ok:
-        raise _fail(source, where, "[start, stop) (two non-negative integers) or a list of seeds", value)
-    if len(value) == 2 and value[1] > value[0] + 1:
+        raise _fail(source, where, "[start, stop) (two non-negative integers) or a list of one or 3+ seeds", value)
+    if len(value) == 2:  # [start, stop)
+        if value[1] <= value[0]:
+            raise _fail(source, where, "[start, stop) with stop > start", value)
         return tuple(range(int(value[0]), int(value[1])))
     return tuple(int(v) for v in value)
 
@@ -825,7 +827,7 @@ def _describe_source(source: Source) -> dict[str, Any]:
         seeds = list(source.seeds)
         contiguous = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
         return {"phantoms": {
-            "seeds": [seeds[0], seeds[-1] + 1] if contiguous and len(seeds) > 2 else seeds,
+            "seeds": [seeds[0], seeds[-1] + 1] if contiguous and len(seeds) >= 2 else seeds,
             "spacing_mm": [list(source.spacing_lo_mm), list(source.spacing_hi_mm)],
             "orientations": list(source.orientations), "body_scale": list(source.body_scale),
             "liver_tumours": list(source.liver_tumours), "kidney_tumour": source.kidney_tumour,
@@ -905,6 +907,7 @@ def train(
     output_dir: str | Path | None = None,
     resume: str | Path | None = None,
     epochs: int | None = None,
+    until_epoch: int | None = None,
     device: str | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
 ) -> TrainResult:
@@ -921,6 +924,9 @@ def train(
         same optimiser, schedule, best score and history, and gives the same result as an uninterrupted run.
     epochs : int, optional
         Overrides ``training.epochs`` (the schedule follows the new total).
+    until_epoch : int, optional
+        Stop after this epoch (validated; the schedule still spans all epochs); continue later with ``resume``. For runs
+        split across time-limited sessions.
     device : str, optional
         Overrides ``training.device`` ("cpu", "cuda", "cuda:1"; default: CUDA when available).
     progress : callable, optional
@@ -1028,7 +1034,8 @@ def train(
 
     if progress:
         progress(ProgressEvent("start", epoch=start_epoch, epochs=n_epochs, steps=steps_per_epoch))
-    for epoch in range(start_epoch, n_epochs + 1):
+    stop = n_epochs if until_epoch is None else min(n_epochs, int(until_epoch))
+    for epoch in range(start_epoch, stop + 1):
         t0 = time.perf_counter()
         # Per-epoch seeding: a resumed run draws the same patches and augmentations as an uninterrupted one.
         transforms.set_random_state(seed=(recipe.seed + epoch) % (2**32))
@@ -1056,7 +1063,7 @@ def train(
                 progress(ProgressEvent("step", epoch=epoch, epochs=n_epochs, step=step, steps=steps_per_epoch,
                                        loss=value))
         val = None
-        if epoch % cfg.val_every == 0 or epoch == n_epochs:
+        if epoch % cfg.val_every == 0 or epoch == stop:
             val = _validate(net, val_cases, card, dev, use_amp)
         mean = float(np.mean(list(val.values()))) if val else None
         record = EpochRecord(epoch, float(np.mean(losses)), float(sched.get_last_lr()[0]),
@@ -1083,7 +1090,7 @@ def train(
     if best_epoch == 0:
         raise RecipeError("no epoch was validated; set training.val_every to at most training.epochs.")
     if progress:
-        progress(ProgressEvent("done", epoch=n_epochs, epochs=n_epochs))
+        progress(ProgressEvent("done", epoch=stop, epochs=n_epochs))
     return TrainResult(out, card_path, weights_path, ckpt_path, best_epoch, best, tuple(history), out / "metrics.csv",
                        out / "curves.png", time.perf_counter() - t_start)
 
