@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from medseg.models.cards import ModelCard
 
-__all__ = ["InferenceOptions", "Segmenter", "Segmentation", "segment", "choose_device"]
+__all__ = ["InferenceOptions", "Segmentation", "Segmenter", "choose_device", "segment"]
 
 logger = logging.getLogger(__name__)
 
@@ -445,7 +445,8 @@ class Segmenter:
             if not skip:
                 counters["windows"] += x.shape[0]
                 return run(x)
-            empty = (x.flatten(1).amax(dim=1) <= floor)
+            assert floor is not None
+            empty = x.flatten(1).amax(dim=1) <= floor
             n_empty = int(empty.sum())
             counters["windows_skipped"] += n_empty
             counters["windows"] += x.shape[0] - n_empty
@@ -506,7 +507,7 @@ def _first(out: Any) -> Any:
 
 
 def _classical_function(card: ModelCard) -> Callable[[Volume], Volume]:
-    import medseg.classical as classical
+    from medseg import classical
 
     name = card.function or ""
     allowed = set(getattr(classical, "__all__", ()))

@@ -18,7 +18,7 @@ from medseg.volume import Volume
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.models.cards import PostprocessSpec
 
-__all__ = ["largest_component", "remove_small_components", "fill_holes", "postprocess_labels"]
+__all__ = ["fill_holes", "largest_component", "postprocess_labels", "remove_small_components"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def postprocess_labels(
     if labels.labels is None:
         raise LabelTableError("Post-processing needs a label table (which labels are organs); the volume has none.")
     arr = np.array(labels.array, copy=True)
-    min_voxels = int(math.ceil(min_ml / labels.voxel_volume_ml)) if min_ml > 0 else 0
+    min_voxels = math.ceil(min_ml / labels.voxel_volume_ml) if min_ml > 0 else 0
     present = set(np.unique(arr).tolist()) - {0}
     for value, label in labels.labels.items():
         if value not in present:

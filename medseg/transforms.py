@@ -17,9 +17,8 @@ interpolation happens. See ``docs/inference.md``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -32,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from medseg.models.cards import ModelCard
 
-__all__ = ["Prepared", "prepare", "build_preprocessing", "invert_to_input", "label_lookup", "clip_floor"]
+__all__ = ["Prepared", "build_preprocessing", "clip_floor", "invert_to_input", "label_lookup", "prepare"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def clip_floor(card: ModelCard) -> float | None:
     return None
 
 
-def build_preprocessing(card: ModelCard) -> tuple[object, list[object]]:
+def build_preprocessing(card: ModelCard) -> tuple[Any, list[Any]]:
     """MONAI transforms for ``card``: (geometry Compose, list of intensity transforms).
 
     The geometry part (Orientation, Spacing) runs lazily and is applied as one float32 resample; the intensity
@@ -94,25 +93,25 @@ def build_preprocessing(card: ModelCard) -> tuple[object, list[object]]:
     )
 
     pre = card.preprocessing
-    geometry: list[object] = []
+    geometry: list[Any] = []
     if pre.orientation is not None:
         geometry.append(Orientation(axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if pre.spacing_mm is not None:
-        geometry.append(Spacing(pixdim=pre.spacing_mm, mode="bilinear", padding_mode="border", dtype=torch.float32))
+        geometry.append(Spacing(pixdim=pre.spacing_mm, mode="bilinear", padding_mode="border", dtype=np.float32))
     # The dtype must also go through ``overrides``: with lazy=True MONAI ignores Spacing(dtype=...) otherwise.
     compose = Compose(geometry, lazy=True, overrides={"dtype": torch.float32, "mode": "bilinear",
                                                        "padding_mode": "border"})
     it = pre.intensity
-    intensity: list[object] = []
+    intensity: list[Any] = []
     if it.kind == "ct_window":
         intensity.append(ScaleIntensityRange(a_min=it.a_min, a_max=it.a_max, b_min=it.b_min, b_max=it.b_max,
-                                             clip=it.clip, dtype=torch.float32))
+                                             clip=it.clip, dtype=np.float32))
     elif it.kind == "zscore":
-        intensity.append(NormalizeIntensity(nonzero=it.nonzero, channel_wise=True, dtype=torch.float32))
+        intensity.append(NormalizeIntensity(nonzero=it.nonzero, channel_wise=True, dtype=np.float32))
     elif it.kind == "percentile":
         intensity.append(ScaleIntensityRangePercentiles(lower=it.lower, upper=it.upper, b_min=it.b_min,
                                                         b_max=it.b_max, clip=it.clip, channel_wise=True,
-                                                        dtype=torch.float32))
+                                                        dtype=np.float32))
     return compose, intensity
 
 
@@ -166,10 +165,10 @@ def prepare(volume: Volume, card: ModelCard) -> Prepared:
 
     check_input(volume, card)
     compose, intensity = build_preprocessing(card)
-    img = volume.to_metatensor()
+    img: Any = volume.to_metatensor()
     if not torch.is_floating_point(img):
         img = img.to(torch.float32)
-    img = compose(img)  # type: ignore[operator]
+    img = compose(img)
     if not isinstance(img, MetaTensor):  # pragma: no cover - MONAI always returns MetaTensor here
         raise TypeError("MONAI returned a plain tensor; expected a MetaTensor with an affine")
     affine = np.asarray(img.affine.detach().cpu().numpy(), dtype=np.float64)
@@ -365,7 +364,7 @@ def _lerp_axis(t: torch.Tensor, dim: int, q: np.ndarray) -> torch.Tensor:
     shape[dim] = len(q)
     w = w.view(shape)
     # Advanced indexing: torch's index_select is very slow along inner dimensions on CPU.
-    lead = (slice(None),) * dim
+    lead: tuple[Any, ...] = (slice(None),) * dim
     a = t[(*lead, torch.from_numpy(lo))].to(torch.float32)
     if n == 1:
         return a
@@ -507,10 +506,10 @@ def invert_to_input(
                 ins = [torch.from_numpy((q > -0.5) & (q < net_shape[perm[a]] - 0.5)) for a, q in enumerate(ranges)]
                 inside = (ins[0][:, None, None] & ins[1][None, :, None] & ins[2][None, None, :]).unsqueeze(0)
             lab, slab = finish(slab, inside)
-            index = tuple(slice(s0, s1) if a == a_s else slice(None) for a in range(3))
-            labels[index] = lab.numpy()
+            where_slab = tuple(slice(s0, s1) if a == a_s else slice(None) for a in range(3))
+            labels[where_slab] = lab.numpy()
             if probs is not None:
-                probs[index] = slab.permute(1, 2, 3, 0).numpy()
+                probs[where_slab] = slab.permute(1, 2, 3, 0).numpy()
         return labels, probs
 
     # General case (oblique to each other): trilinear sampling at mapped voxel centres, slab by slab along the
@@ -566,7 +565,3 @@ def to_probabilities(logits: torch.Tensor, output: Literal["softmax", "sigmoid"]
             part.copy_(torch.sigmoid(part.to(torch.float32)).to(logits.dtype))
     return logits
 
-
-def ceil_div(a: int, b: int) -> int:
-    """Integer ceiling of a / b."""
-    return int(math.ceil(a / b))

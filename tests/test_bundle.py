@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import oblique_affine
+
 from medseg import Volume
 from medseg.errors import ChecksumMismatchError, ModelCardError, ModelNotFoundError
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import DATA, oblique_affine
+
 from medseg import Volume
 from medseg.errors import (
     ChannelCountError,
@@ -90,7 +90,7 @@ def test_tta_with_flip_equivariant_predictor_changes_nothing() -> None:
     tta = Segmenter(card(), network=identity, tta=True).segment(vol, probabilities=True)
     np.testing.assert_allclose(tta.probabilities.array, plain.probabilities.array, atol=1e-6)
     # A predictor that is not flip-equivariant is averaged over the 8 flips.
-    shift = lambda x: torch.cat([torch.zeros_like(x), torch.roll(x, 1, dims=2)], dim=1)  # noqa: E731
+    shift = lambda x: torch.cat([torch.zeros_like(x), torch.roll(x, 1, dims=2)], dim=1)
     a = Segmenter(card(), network=shift).segment(vol, probabilities=True).probabilities.array
     b = Segmenter(card(), network=shift, tta=True).segment(vol, probabilities=True).probabilities.array
     assert np.abs(a - b).max() > 1e-3
@@ -226,7 +226,7 @@ def test_classical_card_runs_ct_basic_on_a_real_scan() -> None:
 
 
 def test_classical_card_uses_the_function_of_medseg_classical(monkeypatch: pytest.MonkeyPatch) -> None:
-    import medseg.classical as classical
+    from medseg import classical
     from medseg.inference import Segmenter
     from medseg.labels import LabelTable
 
@@ -265,12 +265,11 @@ def test_segment_api_takes_a_path_and_returns_a_segmentation(tmp_path: Path) -> 
 def test_cli_segment_writes_labels_and_sidecar(tmp_path: Path) -> None:
     import json
 
+    from test_models import write_card
     from typer.testing import CliRunner
 
     from medseg.cli import app
     from medseg.io import load_volume, save_volume
-
-    from test_models import write_card
 
     write_card(tmp_path / "models", inference={"patch_size": [16, 16, 16]})
     vol = _body_ct((20, 18, 12))

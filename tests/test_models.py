@@ -282,8 +282,8 @@ def test_weights_file_alone_is_not_a_model(tmp_path: Path) -> None:
 
 def test_shipped_weights_are_found_next_to_shipped_cards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A later issue ships phantom-abdomen-ct weights beside its card: the card's relative path must resolve there."""
-    import medseg.models.registry as registry
     from medseg.inference import Segmenter
+    from medseg.models import registry
 
     fake_shipped = tmp_path / "shipped"
     write_card(fake_shipped, name="phantom-abdomen-ct")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import oblique_affine
+
 from medseg import Volume
 from medseg.errors import LabelTableError
 from medseg.labels import Label, LabelTable

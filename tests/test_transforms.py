@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import DATA, oblique_affine
+
 from medseg import Volume
 from medseg.labels import LabelTable
 from medseg.models import parse_card

@@ -4,5 +4,13 @@ and safe weight loading. Importing this package does not import torch."""
 from medseg.models.cards import ModelCard, load_card, parse_card
 from medseg.models.registry import ModelListing, find_model, list_models, load_bundle, shipped_dir
 
-__all__ = ["ModelCard", "load_card", "parse_card", "ModelListing", "find_model", "list_models", "load_bundle",
-           "shipped_dir"]
+__all__ = [
+           "ModelCard",
+           "ModelListing",
+           "find_model",
+           "list_models",
+           "load_bundle",
+           "load_card",
+           "parse_card",
+           "shipped_dir",
+]

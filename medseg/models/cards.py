@@ -39,16 +39,16 @@ from medseg.errors import LabelTableError, ModelCardError
 from medseg.labels import Label, LabelTable, default_color
 
 __all__ = [
+    "CARD_SUFFIXES",
+    "IntensitySpec",
     "ModelCard",
     "NetworkSpec",
-    "IntensitySpec",
-    "PreprocessingSpec",
-    "WindowSpec",
     "PostprocessSpec",
+    "PreprocessingSpec",
     "WeightsSpec",
+    "WindowSpec",
     "load_card",
     "parse_card",
-    "CARD_SUFFIXES",
 ]
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from medseg.errors import ModelCardError, UnknownNetworkError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["NETWORKS", "canonical_network_name", "build_network", "count_parameters"]
+__all__ = ["NETWORKS", "build_network", "canonical_network_name", "count_parameters"]
 
 #: Segmentation networks of ``monai.networks.nets`` that a card may name.
 NETWORKS: tuple[str, ...] = (
@@ -64,7 +64,7 @@ def build_network(name: str, kwargs: Mapping[str, Any], *, source: str = "model 
     ModelCardError
         If the keyword arguments do not fit the network's constructor (the message shows its signature).
     """
-    import monai.networks.nets as nets
+    from monai.networks import nets
 
     cls = getattr(nets, canonical_network_name(name, source=source))
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}

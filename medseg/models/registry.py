@@ -36,7 +36,7 @@ from medseg.models.cards import (
     load_card,
 )
 
-__all__ = ["shipped_dir", "ModelListing", "list_models", "find_model", "load_bundle", "is_bundle"]
+__all__ = ["ModelListing", "find_model", "is_bundle", "list_models", "load_bundle", "shipped_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ def _entries(folder: Path) -> Iterable[Path]:
         yield folder
         return
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in CARD_SUFFIXES:
-            yield p
-        elif p.is_dir() and is_bundle(p):
+        if p.is_file() and p.suffix.lower() in CARD_SUFFIXES or p.is_dir() and is_bundle(p):
             yield p
 
 

@@ -23,7 +23,7 @@ from medseg.errors import (
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["sha256_file", "verify_sha256", "is_torchscript", "load_state_dict", "load_weights"]
+__all__ = ["is_torchscript", "load_state_dict", "load_weights", "sha256_file", "verify_sha256"]
 
 logger = logging.getLogger(__name__)
 
