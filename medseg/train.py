@@ -228,7 +228,7 @@ def _mapping(source: str, data: Any, where: str, allowed: set[str]) -> Mapping[s
     return data
 
 
-def _num(source: str, d: Mapping[str, Any], key: str, where: str, default: float, *, lo: float | None = None,
+def _num(source: str, d: Mapping[str, Any], key: str, where: str, default: float | None, *, lo: float | None = None,
          hi: float | None = None, integer: bool = False) -> Any:
     v = d.get(key, default)
     if v is None:
@@ -792,7 +792,6 @@ def _validate(net: Any, cases: Sequence[Mapping[str, Any]], card: ModelCard, dev
 
 def _write_card(recipe: Recipe, weights_path: Path, sha: str, record: EpochRecord, card_path: Path,
                 n_params: int) -> None:
-    import yaml
 
     from medseg.models.cards import load_card
 
@@ -816,10 +815,26 @@ def _write_card(recipe: Recipe, weights_path: Path, sha: str, record: EpochRecor
         "recipe_text": recipe.text,
     })
     data["provenance"] = prov
-    text = ("# Written by `medseg train` from the recipe recorded under provenance (sha256 and text).\n"
-            + yaml.safe_dump(data, sort_keys=False, width=120))
+    text = "# Written by `medseg train` from the recipe recorded under provenance (sha256 and text).\n" + dump_yaml(data)
     _atomic_write_bytes(card_path, text.encode())
     load_card(card_path)  # the card we wrote must be one medseg can read
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text of a card or recipe: keys in order, multi-line strings (the recipe text) as literal blocks."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str) -> Any:
+        if "\n" in value:
+            value = "\n".join(line.rstrip() for line in value.splitlines()) + ("\n" if value.endswith("\n") else "")
+            return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+    _Dumper.add_representer(str, _str)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
 
 
 def _describe_source(source: Source) -> dict[str, Any]:
