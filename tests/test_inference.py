@@ -308,3 +308,14 @@ def test_cuda_fp16_matches_cpu(tmp_path: Path) -> None:
     assert (gpu.labels.array == cpu).mean() > 0.99
     host = Segmenter(c, device="cuda", stitch_device="host").segment(vol).labels.array
     assert (host == cpu).mean() > 0.999
+
+
+def test_import_medseg_stays_free_of_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, medseg; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert medseg.Segmenter.__name__ == 'Segmenter' and callable(medseg.segment); "
+            "assert 'torch' not in sys.modules; import medseg.models; medseg.models.list_models(); "
+            "assert 'torch' not in sys.modules, 'torch imported by the registry'")
+    subprocess.run([sys.executable, "-c", code], check=True)
