@@ -81,7 +81,7 @@ _TOP_KEYS = {"name", "description", "seed", "output_dir", "model", "data", "trai
 _TRAIN_KEYS = {
     "epochs", "batch_size", "num_samples", "patch_size", "sampling", "class_ratios", "pos", "neg", "lr",
     "weight_decay", "schedule", "min_lr_ratio", "poly_power", "amp", "val_every", "cache_rate", "num_workers",
-    "device", "num_threads", "augmentation", "grad_clip",
+    "device", "num_threads", "augmentation", "grad_clip", "init_from",
 }
 _AUG_KEYS = {"affine_prob", "rotate_deg", "scale", "intensity_scale", "intensity_shift", "noise_prob", "noise_std"}
 _PHANTOM_KEYS = {"seeds", "spacing_mm", "orientations", "body_scale", "liver_tumours", "kidney_tumour", "noise_hu",
@@ -159,6 +159,7 @@ class TrainingConfig:
     device: str | None = None
     num_threads: int | None = None
     grad_clip: float | None = 12.0
+    init_from: str | None = None
     affine_prob: float = 0.2
     rotate_deg: float = 10.0
     scale: float = 0.1
@@ -446,6 +447,7 @@ def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | N
         device=None if device in (None, "auto") else str(device),
         num_threads=_num(src, t, "num_threads", w, None, lo=1, integer=True),
         grad_clip=_num(src, t, "grad_clip", w, 12.0, lo=0.0),
+        init_from=_init_from(src, t.get("init_from"), base),
         affine_prob=_num(src, aug, "affine_prob", wa, 0.2, lo=0.0, hi=1.0),
         rotate_deg=_num(src, aug, "rotate_deg", wa, 10.0, lo=0.0, hi=180.0),
         scale=_num(src, aug, "scale", wa, 0.1, lo=0.0, hi=0.9),
@@ -461,6 +463,21 @@ def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | N
                   validation=val_src, training=cfg, output_dir=out, text=text,
                   source=Path(source) if isinstance(source, Path) else None,
                   description=str(top.get("description", "") or ""))
+
+
+def _init_from(source: str, value: Any, base: Path) -> str | None:
+    """A model name, or a card path made absolute against the recipe's folder."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _fail(source, "training.init_from", "a model name or a model card path", value)
+    p = Path(value)
+    if p.suffix.lower() in (".yaml", ".yml") or len(p.parts) > 1:
+        p = p if p.is_absolute() else base / p
+        if not p.is_file():
+            raise RecipeError(f"{source}: field 'training.init_from': model card {p} does not exist.")
+        return str(p)
+    return value
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -790,8 +807,26 @@ def _validate(net: Any, cases: Sequence[Mapping[str, Any]], card: ModelCard, dev
     return {name: float(np.mean(v)) for name, v in scores.items() if v}
 
 
+def _initial_weights(net: Any, name: str, card: ModelCard) -> dict[str, Any]:
+    """Load a trained model's weights (sha256-checked) into ``net``; what to record in the new card."""
+    from medseg.models.registry import find_model
+    from medseg.models.weights import load_weights
+
+    src = find_model(name)
+    if src.weights is None or src.network is None:
+        raise RecipeError(f"training.init_from: model {name!r} has no network weights to start from.")
+    target = card.network.name if card.network is not None else "?"
+    if src.network.name != target:
+        raise RecipeError(f"training.init_from: model {name!r} is a {src.network.name}, the recipe trains a "
+                          f"{target}; they must be the same network.")
+    load_weights(net, src.weights.path, sha256=src.weights.sha256, format="state_dict")
+    net.train()
+    logger.info("starting from the weights of %s", src.name)
+    return {"model": src.name, "version": src.version, "weights_sha256": src.weights.sha256}
+
+
 def _write_card(recipe: Recipe, weights_path: Path, sha: str, record: EpochRecord, card_path: Path,
-                n_params: int) -> None:
+                n_params: int, init: Mapping[str, Any] | None = None) -> None:
 
     from medseg.models.cards import load_card
 
@@ -810,6 +845,7 @@ def _write_card(recipe: Recipe, weights_path: Path, sha: str, record: EpochRecor
         "best_epoch": record.epoch,
         "epochs": recipe.training.epochs,
         "parameters": n_params,
+        **({"init_from": dict(init)} if init else {}),
         "validation": {"mean_dice": round(float(record.val_mean_dice or 0.0), 4),
                        "dice": {k: round(v, 4) for k, v in (record.val_dice or {}).items()}},
         "recipe_text": recipe.text,
@@ -1009,6 +1045,7 @@ def train(
     net = build_network(card.network.name, card.network.kwargs, source=str(recipe.source or recipe.name)).to(dev)
     net.train()
     n_params = count_parameters(net)
+    init = _initial_weights(net, cfg.init_from, card) if cfg.init_from and resume is None else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
@@ -1088,7 +1125,7 @@ def train(
             best, best_epoch = mean, epoch
             state_dict = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             sha = _save_torch(state_dict, weights_path)
-            _write_card(recipe, weights_path, sha, record, card_path, n_params)
+            _write_card(recipe, weights_path, sha, record, card_path, n_params, init)
             logger.info("epoch %d: new best mean Dice %.4f", epoch, mean)
         ckpt = {
             "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

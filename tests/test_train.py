@@ -210,3 +210,28 @@ def test_shipped_recipe_parses_and_keeps_eval_seeds_out() -> None:
     spec.loader.exec_module(bench)
     assert isinstance(recipe.validation, PhantomSource)
     assert not set(bench.EVAL_SEEDS) & (set(recipe.train.seeds) | set(recipe.validation.seeds))
+
+
+def test_init_from_a_trained_card(smoke_run: dict, tmp_path: Path) -> None:
+    card_path = Path(smoke_run["summary"]["card"])
+    data = _smoke_data()
+    data["training"]["epochs"] = 1
+    data["training"]["init_from"] = str(card_path)
+    recipe = tmp_path / "finetune.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = train(recipe, output_dir=tmp_path / "ft")
+    init = load_card(result.card_path).provenance["init_from"]
+    assert init["model"] == "smoke-phantom" and init["weights_sha256"] == sha256_file(card_path.with_suffix(".pt"))
+    # a tampered source is refused before training starts
+    shutil.copy(card_path, tmp_path / "src.yaml")
+    weights = bytearray(card_path.with_suffix(".pt").read_bytes())
+    weights[-50] ^= 0x01
+    (tmp_path / "smoke-phantom.pt").write_bytes(bytes(weights))
+    data["training"]["init_from"] = "src.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(ChecksumMismatchError, match="refusing to load it"):
+        train(recipe, output_dir=tmp_path / "ft2")
+    data["training"]["init_from"] = "missing.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(RecipeError, match="missing.yaml does not exist"):
+        load_recipe(recipe)
