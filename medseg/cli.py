@@ -219,6 +219,8 @@ def train_cmd(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: the recipe's output_dir).")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue from a last.pt written by this recipe.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override training.epochs.")] = None,
+    until_epoch: Annotated[int | None, typer.Option("--until-epoch", min=1,
+                                                    help="Stop after this epoch (continue with --resume).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: CUDA if present).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (no progress bar).")] = False,
 ) -> None:
@@ -242,7 +244,8 @@ def train_cmd(
 
     try:
         with bar:
-            result = train(recipe, output_dir=out, resume=resume, epochs=epochs, device=device, progress=show)
+            result = train(recipe, output_dir=out, resume=resume, epochs=epochs, until_epoch=until_epoch,
+                           device=device, progress=show)
     except MedsegError as exc:
         fail(exc)
         return

@@ -81,7 +81,7 @@ _TOP_KEYS = {"name", "description", "seed", "output_dir", "model", "data", "trai
 _TRAIN_KEYS = {
     "epochs", "batch_size", "num_samples", "patch_size", "sampling", "class_ratios", "pos", "neg", "lr",
     "weight_decay", "schedule", "min_lr_ratio", "poly_power", "amp", "val_every", "cache_rate", "num_workers",
-    "device", "num_threads", "augmentation", "grad_clip", "init_from",
+    "device", "num_threads", "augmentation", "grad_clip", "init_from", "class_weights",
 }
 _AUG_KEYS = {"affine_prob", "rotate_deg", "scale", "intensity_scale", "intensity_shift", "noise_prob", "noise_std"}
 _PHANTOM_KEYS = {"seeds", "spacing_mm", "orientations", "body_scale", "liver_tumours", "kidney_tumour", "noise_hu",
@@ -160,6 +160,7 @@ class TrainingConfig:
     num_threads: int | None = None
     grad_clip: float | None = 12.0
     init_from: str | None = None
+    class_weights: tuple[float, ...] | None = None
     affine_prob: float = 0.2
     rotate_deg: float = 10.0
     scale: float = 0.1
@@ -419,6 +420,13 @@ def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | N
             raise _fail(src, w + "class_ratios", f"{card.out_channels} non-negative numbers (background first)",
                         ratios)
         ratios = tuple(float(v) for v in ratios)
+    weights = t.get("class_weights")
+    if weights is not None:
+        if not isinstance(weights, (list, tuple)) or len(weights) != card.out_channels or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in weights):
+            raise _fail(src, w + "class_weights", f"{card.out_channels} positive numbers (background first)",
+                        weights)
+        weights = tuple(float(v) for v in weights)
     schedule = t.get("schedule", "cosine")
     if schedule not in ("cosine", "poly", "constant"):
         raise _fail(src, w + "schedule", "'cosine', 'poly' or 'constant'", schedule)
@@ -448,6 +456,7 @@ def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | N
         num_threads=_num(src, t, "num_threads", w, None, lo=1, integer=True),
         grad_clip=_num(src, t, "grad_clip", w, 12.0, lo=0.0),
         init_from=_init_from(src, t.get("init_from"), base),
+        class_weights=weights,
         affine_prob=_num(src, aug, "affine_prob", wa, 0.2, lo=0.0, hi=1.0),
         rotate_deg=_num(src, aug, "rotate_deg", wa, 10.0, lo=0.0, hi=180.0),
         scale=_num(src, aug, "scale", wa, 0.1, lo=0.0, hi=0.9),
@@ -1046,7 +1055,8 @@ def train(
     net.train()
     n_params = count_parameters(net)
     init = _initial_weights(net, cfg.init_from, card) if cfg.init_from and resume is None else None
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    class_weights = None if cfg.class_weights is None else torch.tensor(cfg.class_weights, device=dev)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=class_weights)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
