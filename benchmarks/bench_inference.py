@@ -287,12 +287,13 @@ def report(title: str, rows: list[tuple[str, dict]], base: dict, flops: float, p
     dflt = np.load(default["labels"]) if default else None
     for name, r in rows:
         labels = np.load(r["labels"])
-        same = float((labels == ref).mean())
+        differ = int((labels != ref).sum())
+        same = 1.0 - differ / labels.size
         gflops = flops * r["windows"] / max(r["network_s"], 1e-9) / 1e9
         dice = f"{dice_mean(labels, dflt):.4f}" if dflt is not None and r is not default and r is not base else "-"
         print(f"{name:<22}{r['seconds']:>8.1f}{r['seconds'] / base['seconds']:>9.2f}{r['peak_rss'] / 1e9:>13.2f}"
               f"{r['peak_rss'] / base['peak_rss']:>9.3f}{r['network_s']:>7.1f}{r['invert_s']:>9.1f}"
-              f"{r['windows']:>9}{r.get('windows_skipped', 0):>9}{gflops:>9.1f}{100 * same:>15.4f}%{dice:>17}")
+              f"{r['windows']:>9}{r.get('windows_skipped', 0):>9}{gflops:>9.1f}{100 * same:>15.4f}%{dice:>17}  ({differ} voxels differ from the recipe)")
     print("matmul peak here: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
 
 
