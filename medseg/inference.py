@@ -352,8 +352,6 @@ class Segmenter:
                             {"function": t1 - t0, "postprocess": t2 - t1, "total": t2 - t0}, {})
 
     def _segment_network(self, volume: Volume, t0: float, probabilities: bool) -> Segmentation:
-        import torch
-
         from medseg.postprocess import postprocess_labels
         from medseg.transforms import SLAB_BYTES, invert_to_input, label_lookup, prepare, to_probabilities
 
@@ -385,7 +383,6 @@ class Segmenter:
         timings = {"prepare": t1 - t0, "network": t2 - t1, "invert": t3 - t2, "postprocess": t4 - t3, "total": t4 - t0}
         logger.info("segmented with %s on %s (stitched on %s) in %.1f s", card.name, self.device, stitched_on,
                     t4 - t0)
-        del torch
         return Segmentation(labels, prob_volume, card.name, card, self.device, timings, stats)
 
     def predict(self, image: torch.Tensor, *, floor: float | None = None) -> tuple[torch.Tensor, dict[str, int], str]:

@@ -319,3 +319,16 @@ def test_import_medseg_stays_free_of_torch() -> None:
             "assert 'torch' not in sys.modules; import medseg.models; medseg.models.list_models(); "
             "assert 'torch' not in sys.modules, 'torch imported by the registry'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_multichannel_card_refuses_a_single_channel_scan() -> None:
+    from medseg.inference import Segmenter
+
+    c = card(input_channels=2, channel_names=["t1", "t2"])
+    seg = Segmenter(c, network=lambda x: x)
+    with pytest.raises(ChannelCountError, match=r"takes 2 input channel\(s\) \(t1, t2\), but got a single-channel"):
+        seg.segment(odd())
+    two = Volume(np.random.default_rng(0).normal(size=(9, 8, 7, 2)).astype(np.float32), oblique_affine(),
+                 modality="CT")
+    out = seg.segment(two, probabilities=True)  # channel 0 is background, channel 1 "a": argmax of (x0, x1)
+    np.testing.assert_array_equal(out.labels.array, (two.array[..., 1] > two.array[..., 0]).astype(np.uint8))
