@@ -241,8 +241,11 @@ def _body(c: np.ndarray, spacing: Sequence[float], axial: int, cfg: CtBasicConfi
 def _airway(
     c: np.ndarray, body: np.ndarray, low: np.ndarray, spacing: Sequence[float], axial: int, sup: int,
     voxel_ml: float, cfg: CtBasicConfig,
-) -> np.ndarray:
-    """Trachea and main bronchi: seed a round air tube in the top lung slices, grow with leakage control."""
+) -> tuple[np.ndarray, float]:
+    """Trachea and main bronchi: seed a round air tube in the top lung slices, grow with leakage control.
+
+    Returns the airway mask and the HU threshold it was grown with.
+    """
     import scipy.ndimage as ndi
 
     empty = np.zeros_like(body)
@@ -290,21 +293,22 @@ def _airway(
             seed = tuple(int(v) for v in full)
             break
     if seed is None:
-        return empty
+        return empty, cfg.airway_seed_max_hu
     # Grow from the seed with rising thresholds; keep the last one before a leak (volume jump or too large).
     prev: np.ndarray | None = None
-    prev_ml = 0.0
+    prev_ml, prev_t = 0.0, cfg.airway_seed_max_hu
     for t in np.arange(cfg.airway_seed_max_hu - 50.0, cfg.airway_seed_max_hu + 101.0, 25.0):
         cand = (c < t) & body
         lab, _ = _components(cand, 6)
         region = lab == lab[seed]
         ml = float(region.sum() * voxel_ml)
+        log.debug("airway threshold %g HU: %.1f mL", t, ml)
         if ml > cfg.airway_max_ml or (prev is not None and ml > 2.0 * prev_ml + 5.0):
             break
-        prev, prev_ml = region, ml
+        prev, prev_ml, prev_t = region, ml, float(t)
     if prev is None:
-        return empty
-    return prev
+        return empty, cfg.airway_seed_max_hu
+    return prev, prev_t
 
 
 def _split_two(m: np.ndarray, spacing: Sequence[float], min_vox: int) -> np.ndarray:
@@ -392,7 +396,11 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
             keep[cand[np.asarray(med) > cfg.lung_min_median_hu]] = True
     lungish = keep[low_lab]
 
-    airway = _airway(c, body, lungish, spacing, axial, sup, voxel_ml, cfg) if lungish.any() else np.zeros_like(body)
+    airway, airway_hu = (
+        _airway(c, body, lungish, spacing, axial, sup, voxel_ml, cfg)
+        if lungish.any()
+        else (np.zeros_like(body), cfg.airway_seed_max_hu)
+    )
     lungs = lungish & ~_dilate(airway, (1, 1, 1))
     lungs = _dilate(_erode(lungs, (1, 1, 1)), (1, 1, 1)) & lungs
     min_vox = max(1, int(np.ceil(cfg.lung_min_ml / voxel_ml)))
@@ -446,9 +454,20 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
         bone_f = _upsample(bone_inner, f, shape) | (_upsample(bone_outer, f, shape) & (a > cfg.bone_min_hu))
     out[body_f] = _BODY
     out[bone_f & body_f] = _BONE
-    for mask, value in ((lung_left, _LUNG_LEFT), (lung_right, _LUNG_RIGHT), (airway, _AIRWAY)):
-        if mask.any():
-            out[_upsample(mask, f, shape)] = value
+    lung_or_airway = np.zeros(shape, dtype=bool)
+    for mask, value, max_hu in (
+        (airway, _AIRWAY, airway_hu), (lung_left, _LUNG_LEFT, cfg.lung_max_hu), (lung_right, _LUNG_RIGHT, cfg.lung_max_hu)
+    ):
+        if not mask.any():
+            continue
+        if f == (1, 1, 1):
+            fine = mask & ~lung_or_airway
+        else:
+            # Inside the eroded coarse region as is; the one-block band around it by the input voxels' HU.
+            band = _upsample(_dilate(mask, (1, 1, 1)), f, shape) & (a < max_hu) & body_f
+            fine = (_upsample(_erode(mask, (1, 1, 1)), f, shape) | band) & ~lung_or_airway
+        out[fine] = value
+        lung_or_airway |= fine
     return volume.with_array(out, labels=CT_BASIC_LABELS, modality=volume.modality)
 
 
