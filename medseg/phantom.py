@@ -706,7 +706,7 @@ def write_phantom_study(
     if format not in ("dicom", "nifti"):
         raise PhantomError(f"format must be 'dicom' or 'nifti', not {format!r}.")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise PhantomError(f"{folder}: exists and is not an empty folder; choose a new folder or overwrite=True.")
+        raise PhantomError(f"{folder}: exists and is not an empty folder; choose a new folder or overwrite=True (--overwrite).")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()

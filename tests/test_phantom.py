@@ -199,3 +199,31 @@ def test_bad_options(kwargs: dict, message: str) -> None:  # type: ignore[type-a
         make_phantom(0, **kwargs)
     with pytest.raises(PhantomError, match="seed must be a non-negative integer"):
         make_phantom(-1)
+
+
+def test_cli_phantom(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "study"
+    res = runner.invoke(app, ["phantom", str(out), "--seed", "4", "--shape", "48,40,16", "--spacing", "8,9,15",
+                              "--orientation", "RAS", "--liver-tumours", "2", "--no-kidney-tumour", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["shape"] == [48, 40, 16] and data["orientation"] == "RAS" and data["spacing_mm"] == [8.0, 9.0, 15.0]
+    assert [les["label"] for les in data["lesions"]] == ["liver_tumour", "liver_tumour"]
+    image = load_volume(data["image_path"])
+    expected = make_phantom(4, shape=(48, 40, 16), spacing_mm=(8, 9, 15), orientation="RAS", liver_tumours=2,
+                            kidney_tumour=False)
+    np.testing.assert_array_equal(image.array, expected.image.array)
+    assert data["volumes_ml"]["liver"] == pytest.approx((expected.labels.array == 1).sum() * 8 * 9 * 15 / 1000)
+    res = runner.invoke(app, ["phantom", str(out)])
+    assert res.exit_code == 2 and "exists and is not an empty folder" in res.output
+    res = runner.invoke(app, ["phantom", str(tmp_path / "x"), "--shape", "48,40"])
+    assert res.exit_code == 2 and "--shape must be three numbers" in res.output
+    res = runner.invoke(app, ["phantom", str(tmp_path / "x"), "--format", "nifti", "--shape", "32,32,8"])
+    assert res.exit_code == 0 and (tmp_path / "x" / "ct.nii.gz").is_file() and "liver" in res.output
