@@ -5,11 +5,17 @@ ScaleIntensityRanged → sliding_window_inference → Activationsd(softmax) → 
 
 Cases (each recipe runs in its own child process, so peak RSS is per recipe: VmHWM of the child):
 
-A. a 4-class UNet on a synthetic abdominal CT: recipe, medseg default, medseg fast (bf16 on CPU / fp16 on CUDA,
-   windows that hold only air skipped, batch size tuned per device). Prints time and peak-RSS ratios, Dice of fast
-   against default, labels identical to the recipe, achieved GFLOP/s beside the machine's matmul peak.
-B. a 14-class UNet on a 512×512×400 CT (``--small``: 256×256×160): recipe vs medseg default, peak RSS ratio and
-   the fraction of identical labels.
+A. a 4-class UNet on a synthetic abdominal CT laid out like a clinical scan: 512×512×200 voxels of
+   0.977×0.977×1.5 mm (a 500 mm field of view, ``--small``: 256×256×96 of 1.95×1.95×1.5 mm), int16 HU, an
+   elliptic body 330 × 240 mm (left-right × anterior-posterior, all slices) lying low in the field of view so
+   that ~155 mm of air is in front of it, as in the real series in ``tests/data/totalseg_example`` (see
+   :func:`phantom`), with 3 ellipsoidal organs of distinct HU. All three runs read the same file. Runs: recipe,
+   medseg default, medseg fast (``InferenceOptions.fast()``: bf16 on CPU / fp16 on CUDA, windows that hold only
+   air skipped, batch size tuned per device, nearest-neighbour label inversion). Prints time and peak-RSS ratios,
+   Dice of fast against default (mean and per label), labels identical to the recipe, achieved GFLOP/s beside the
+   machine's matmul peak.
+B. a 14-class UNet on a 512×512×400 CT of 0.8×0.8×1 mm whose body fills the field of view (``--small``:
+   256×256×160): recipe vs medseg default, peak RSS ratio and the fraction of identical labels.
 
 The networks are MONAI UNets trained for a few Adam steps on the phantom itself (no trained 14-class model ships
 yet), so that their outputs are organ-shaped regions rather than the speckle of random weights. The machine is shared, so timings are noisy:
@@ -40,19 +46,31 @@ A_MIN, A_MAX = -175.0, 250.0
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
-def phantom(shape: tuple[int, int, int], spacing: tuple[float, float, float], n_organs: int, seed: int = 0):
+def phantom(shape: tuple[int, int, int], spacing: tuple[float, float, float], n_organs: int, seed: int = 0,
+            fov: str = "clinical"):
     """int16 CT: an elliptic body in air with ``n_organs`` ellipsoids of distinct HU (labels 1..n_organs), on an
-    LPS-like grid. Returns (image, labels, affine)."""
+    LPS-like grid. Returns (image, labels, affine).
+
+    The body sits in the field of view as in a real abdominal CT (compare the real series
+    ``tests/data/totalseg_example/example_ct_dicom``: 500 mm field of view, body 155-478 mm along the AP axis, so
+    about 155 mm of air in front of the patient): half-axes 0.33 (left-right) and 0.24 (anterior-posterior) of the
+    field of view, centred at 0.5 and 0.63 of it (the patient lies on the table, the air is in front).
+    ``fov="tight"``: the body fills the field of view (half-axes 0.40 and 0.30, centred), as case B uses.
+    """
     rng = np.random.default_rng(seed)
     arr = np.full(shape, -1000, dtype=np.int16)
     lab = np.zeros(shape, dtype=np.uint8)
-    centre = np.array(shape) / 2
+    half = np.array([0.33, 0.24] if fov == "clinical" else [0.40, 0.30]) * np.array(shape[:2])
+    body_c = np.array([0.5, 0.63] if fov == "clinical" else [0.5, 0.5]) * np.array(shape[:2])
+    organ_spread = np.array([0.66, 0.48, 0.9] if fov == "clinical" else [0.8, 0.6, 0.9])
+    organ_r = (0.04, 0.09) if fov == "clinical" else (0.05, 0.12)
+    centre = np.array([body_c[0], body_c[1], shape[2] / 2])
     ii, jj = np.ogrid[: shape[0], : shape[1]]
-    body = ((ii - centre[0]) / (0.40 * shape[0])) ** 2 + ((jj - centre[1]) / (0.30 * shape[1])) ** 2 <= 1
+    body = ((ii - body_c[0]) / half[0]) ** 2 + ((jj - body_c[1]) / half[1]) ** 2 <= 1
     arr[body] = 30
     for n in range(n_organs):
-        c = centre + (rng.uniform(-0.22, 0.22, 3) * np.array(shape) * np.array([0.8, 0.6, 0.9]))
-        r = rng.uniform(0.05, 0.12, 3) * np.array(shape)
+        c = centre + (rng.uniform(-0.22, 0.22, 3) * np.array(shape) * organ_spread)
+        r = rng.uniform(*organ_r, 3) * np.array(shape)
         lo = np.maximum(0, np.floor(c - r)).astype(int)
         hi = np.minimum(shape, np.ceil(c + r) + 1).astype(int)
         grid = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
@@ -86,10 +104,15 @@ def make_weights(path: Path, n_classes: int, image: np.ndarray, labels: np.ndarr
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     patch = np.minimum(64, img.shape)
     net.train()
+    fg = np.argwhere(lab > 0)  # half of the patches are centred on an organ voxel (as RandCropByPosNegLabeld)
     for _ in range(steps):
         xs, ys = [], []
-        for _b in range(2):
-            lo = [int(rng.integers(0, s - p + 1)) for s, p in zip(img.shape, patch)]
+        for b in range(2):
+            if b == 0 and len(fg):
+                c = fg[int(rng.integers(len(fg)))]
+                lo = [int(np.clip(cc - p // 2, 0, s - p)) for cc, s, p in zip(c, img.shape, patch)]
+            else:
+                lo = [int(rng.integers(0, s - p + 1)) for s, p in zip(img.shape, patch)]
             sl = tuple(slice(a, a + p) for a, p in zip(lo, patch))
             xs.append(img[sl])
             ys.append(lab[sl])
@@ -104,7 +127,8 @@ def make_weights(path: Path, n_classes: int, image: np.ndarray, labels: np.ndarr
     return kwargs
 
 
-def write_case(folder: Path, name: str, shape, spacing, n_classes: int, pixdim, roi, batch: int, steps: int) -> dict:
+def write_case(folder: Path, name: str, shape, spacing, n_classes: int, pixdim, roi, batch: int, steps: int,
+               fov: str = "clinical") -> dict:
     import nibabel as nib
     import yaml
 
@@ -112,11 +136,12 @@ def write_case(folder: Path, name: str, shape, spacing, n_classes: int, pixdim, 
 
     folder.mkdir(parents=True, exist_ok=True)
     key = {"shape": list(shape), "spacing": list(spacing), "n_classes": n_classes, "pixdim": list(pixdim),
-           "roi": list(roi), "batch": batch, "steps": steps}
+           "roi": list(roi), "batch": batch, "steps": steps, "fov": fov,
+           "sampling": "posneg"}
     saved = folder / f"{name}.case.json"
     if saved.is_file() and json.loads(saved.read_text()).get("key") == key:  # inputs and weights already made
         return json.loads(saved.read_text())["case"]
-    arr, lab, affine = phantom(shape, spacing, n_classes - 1)
+    arr, lab, affine = phantom(shape, spacing, n_classes - 1, fov=fov)
     image = folder / f"{name}.nii"
     nib.save(nib.Nifti1Image(arr, affine), str(image))
     weights = folder / f"{name}.pt"
@@ -268,13 +293,18 @@ def flops_per_window(case: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def dice_mean(a: np.ndarray, b: np.ndarray) -> float:
-    values = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0})
-    scores = []
+def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
+    values = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
+    scores = {}
     for v in values:
         x, y = a == v, b == v
-        scores.append(2 * np.logical_and(x, y).sum() / max(1, x.sum() + y.sum()))
-    return float(np.mean(scores)) if scores else 1.0
+        scores[int(v)] = float(2 * np.logical_and(x, y).sum() / max(1, x.sum() + y.sum()))
+    return scores
+
+
+def dice_mean(a: np.ndarray, b: np.ndarray) -> float:
+    scores = dice_per_label(a, b)
+    return float(np.mean(list(scores.values()))) if scores else 1.0
 
 
 def report(title: str, rows: list[tuple[str, dict]], base: dict, flops: float, peaks: dict, default: dict | None):
@@ -331,14 +361,14 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, devices {devices}, workdir {workdir}")
     if args.small:
-        case_a = write_case(workdir, "bench4", (192, 192, 96), (0.9, 0.9, 1.5), 4, (1.5, 1.5, 2.0), (96, 96, 64), 2,
+        case_a = write_case(workdir, "bench4", (256, 256, 96), (1.95, 1.95, 1.5), 4, (1.5, 1.5, 2.0), (96, 96, 64), 2,
                             args.train_steps)
     else:
-        case_a = write_case(workdir, "bench4", (384, 384, 200), (0.9, 0.9, 1.5), 4, (1.5, 1.5, 2.0), (96, 96, 96), 2,
-                            args.train_steps)
+        case_a = write_case(workdir, "bench4", (512, 512, 200), (0.977, 0.977, 1.5), 4, (1.5, 1.5, 2.0), (96, 96, 96),
+                            2, args.train_steps)
     big = tuple(args.big_shape or ((256, 256, 160) if args.small else (512, 512, 400)))
     case_b = None if args.skip_big else write_case(workdir, "bench14", big, (0.8, 0.8, 1.0), 14, (1.5, 1.5, 2.0),
-                                                    (96, 96, 96), 2, args.train_steps)
+                                                    (96, 96, 96), 2, args.train_steps, fov="tight")
     flops_a = flops_per_window(case_a)
     flops_b = flops_per_window(case_b) if case_b else 0.0
     for device in devices:
@@ -354,9 +384,13 @@ def main() -> None:
         rec, ours, fast = best["recipe"], best["medseg"], best["medseg-fast"]
         report(f"A. 4 classes, {tuple(case_a['shape'])} input, {device}: recipe vs medseg default vs fast",
                [("MONAI recipe", rec), ("medseg default", ours), ("medseg fast", fast)], rec, flops_a, peaks, ours)
+        per_label = dice_per_label(np.load(fast["labels"]), np.load(ours["labels"]))
         print(f"fast vs default: {ours['seconds'] / fast['seconds']:.2f}× faster "
               f"(batch {fast['sw_batch_size']}, amp {'bf16' if device == 'cpu' else 'fp16'}, "
-              f"{fast['windows_skipped']} of {fast['windows'] + fast['windows_skipped']} windows skipped)")
+              f"{fast['windows_skipped']} of {fast['windows'] + fast['windows_skipped']} windows skipped, "
+              f"nearest-neighbour inversion); Dice per label vs default: "
+              + ", ".join(f"{v}: {d:.4f}" for v, d in per_label.items())
+              + f" (min {min(per_label.values(), default=1.0):.4f})")
         if case_b is None:
             continue
         need = 14 * np.prod(case_b["shape"]) * 12 * 1.1  # float64 + float32 class volumes at full resolution

@@ -184,7 +184,9 @@ def segment_cmd(
     overlap: Annotated[float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Window overlap.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation (8× slower).")] = False,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA).")] = None,
-    fast: Annotated[bool, typer.Option("--fast", help="Mixed precision, skip empty windows, 4 windows per call.")] = False,
+    fast: Annotated[bool, typer.Option("--fast", help=(
+        "Fast preset: mixed precision, skip air-only windows, tuned batch, nearest-neighbour label inversion."
+    ))] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
     models_dir: _ModelsDir = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,

@@ -136,6 +136,49 @@ def test_bf16_amp_on_cpu_stays_close(tmp_path: Path) -> None:
     assert (a == b).mean() > 0.95
 
 
+def _ball(shape=(40, 36, 30)) -> Volume:
+    """A smooth blob (intensity = 1 - r/R) on an oblique, anisotropic grid: the identity predictor's class-1 logit."""
+    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
+    r = np.sqrt((ijk**2 * np.array([1.0, 1.3, 0.8])).sum(-1))
+    return Volume((0.55 - r).astype(np.float32), oblique_affine(spacing=(0.8, 0.9, 1.3)), modality="CT")
+
+
+def test_fast_preset_inverts_by_nearest_neighbour_and_changes_only_boundaries() -> None:
+    from medseg.inference import InferenceOptions, Segmenter
+
+    preset = InferenceOptions.fast(device="cpu")
+    assert preset.inversion == "nearest" and preset.amp and preset.skip_empty and preset.sw_batch_size == 2
+    assert InferenceOptions().inversion == "trilinear"  # the default stays the exact inverse
+    assert InferenceOptions.fast(device="cpu", inversion="trilinear").inversion == "trilinear"
+    c = card(preprocessing={"orientation": "LPS", "spacing_mm": [1.7, 1.5, 2.2], "intensity": {"kind": "none"}})
+    vol = _ball()
+    exact = Segmenter(c, network=identity).segment(vol).labels.array
+    near = Segmenter(c, network=identity, inversion="nearest").segment(vol).labels.array
+    assert near.shape == vol.shape
+    differ = near != exact
+    assert 0 < differ.sum() and differ.mean() < 0.02
+    x, y = near == 1, exact == 1
+    assert 2 * (x & y).sum() / (x.sum() + y.sum()) > 0.9  # a small blob (radius ~8 network voxels): 0.93 here
+    # Every changed voxel sits at a class boundary of the exact labels (its 3×3×3 neighbourhood holds both classes).
+    from scipy import ndimage
+
+    boundary = ndimage.maximum_filter(exact, size=3) != ndimage.minimum_filter(exact, size=3)
+    assert boundary[differ].all()
+
+
+def test_nearest_inversion_with_probabilities_uses_the_exact_inverse() -> None:
+    from medseg.inference import Segmenter
+
+    c = card(preprocessing={"orientation": "LPS", "spacing_mm": [1.7, 1.5, 2.2], "intensity": {"kind": "none"}})
+    vol = _ball((20, 18, 15))
+    exact = Segmenter(c, network=identity).segment(vol, probabilities=True)
+    near = Segmenter(c, network=identity, inversion="nearest").segment(vol, probabilities=True)
+    np.testing.assert_array_equal(near.labels.array, exact.labels.array)
+    np.testing.assert_allclose(near.probabilities.array, exact.probabilities.array)
+    with pytest.raises(ValueError, match="inversion must be 'trilinear' or 'nearest', not 'linear'"):
+        Segmenter(c, network=identity, inversion="linear")
+
+
 def test_segmenter_loads_once_and_segments_many(tmp_path: Path) -> None:
     from medseg.inference import Segmenter
 

@@ -263,3 +263,79 @@ def test_boundary_only_argmax_equals_dense_interpolation(output, cropped, monkey
     dense, _ = invert_to_input(scores, prepared, lut, output=output, probabilities=True)
     assert set(np.unique(dense)) == {0, 2, 4, 9}
     np.testing.assert_array_equal(sparse, dense)
+
+
+def _brute_nearest(net_labels: np.ndarray, net_aff: np.ndarray, vol: Volume) -> np.ndarray:
+    """Label of the network voxel centre nearest in mm to every input voxel centre (first in C order on ties)."""
+    def centres(shape, affine):
+        ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+        return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+    src, dst = centres(vol.shape, vol.affine), centres(net_labels.shape, net_aff)
+    d = ((src[:, None, :] - dst[None, :, :]) ** 2).sum(-1)
+    return net_labels.reshape(-1)[np.argmin(d, axis=1)].reshape(vol.shape)
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_nearest_inversion_takes_the_nearest_network_voxel(oblique) -> None:
+    """Fast-mode inversion: argmax on the network grid, then the label of the nearest network voxel centre (in mm),
+    on a permuted, flipped, anisotropic grid (and on a rotated one, through the general path)."""
+    from medseg.transforms import Prepared, invert_nearest, label_lookup
+
+    rng = np.random.default_rng(3)
+    vol = Volume(np.zeros((13, 11, 9), np.float32), oblique_affine(spacing=(0.7, 0.9, 1.3)))
+    if oblique:
+        net_aff = oblique_affine(spacing=(1.1, 1.2, 1.4), angle_deg=-23.0, flip=False, origin=(-9.0, 3.0, -4.0))
+        net_aff[:3, 3] = vol.affine[:3, :3] @ np.array([6.0, 5.0, 4.0]) + vol.affine[:3, 3] - net_aff[:3, :3] @ [4, 4, 3]
+    else:
+        net_aff = vol.affine @ np.array([[0, 1.37, 0, 0.61], [-1.53, 0, 0, 10.27], [0, 0, 1.71, 0.33], [0, 0, 0, 1]])
+    shape = (9, 9, 7)
+    scores = torch.from_numpy(rng.normal(size=(4, *shape)).astype(np.float32))
+    lut = label_lookup(LabelTable.from_names({2: "a", 5: "b", 7: "c"}), "softmax")
+    net_labels = lut[scores.numpy().argmax(0)]
+    prepared = Prepared(torch.zeros(1, *shape), net_aff, vol.shape, vol.affine, None)
+    got = invert_nearest(scores, prepared, lut, output="softmax", slab_bytes=1 << 12)
+    expected = _brute_nearest(net_labels, net_aff, vol)
+    if oblique:  # outside the grid the border label is per axis, not the Euclidean nearest: compare inside only
+        q = np.stack(np.meshgrid(*[np.arange(s) for s in vol.shape], indexing="ij"), -1) @ (
+            np.linalg.inv(net_aff) @ vol.affine)[:3, :3].T + (np.linalg.inv(net_aff) @ vol.affine)[:3, 3]
+        inside = ((q > -0.5) & (q < np.array(shape) - 0.5)).all(-1)
+        assert inside.mean() > 0.3
+        np.testing.assert_array_equal(got[inside], expected[inside])
+    else:
+        np.testing.assert_array_equal(got, expected)
+    assert got.dtype == lut.dtype and got.shape == vol.shape
+
+
+def test_nearest_inversion_tie_goes_to_the_lower_network_index() -> None:
+    """Input spacing half the network spacing: every other input centre is half-way between two network centres."""
+    from medseg.transforms import Prepared, invert_nearest, label_lookup
+
+    vol = Volume(np.zeros((10, 6, 4), np.float32), oblique_affine(spacing=(0.5, 0.5, 0.5)))
+    net_aff = vol.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    values = np.arange(5 * 3 * 2).reshape(5, 3, 2)  # one class per network voxel: argmax = its index
+    scores = torch.nn.functional.one_hot(torch.from_numpy(values), 31).permute(3, 0, 1, 2).float()
+    lut = label_lookup(LabelTable.from_names({v: f"c{v}" for v in range(1, 31)}), "softmax")
+    got = invert_nearest(scores, Prepared(torch.zeros(1, 5, 3, 2), net_aff, vol.shape, vol.affine, None), lut,
+                         output="softmax")
+    i, j, k = np.meshgrid(*[np.arange(s) for s in vol.shape], indexing="ij")
+    np.testing.assert_array_equal(got, values[i // 2, j // 2, k // 2])  # centre 2n+1 → n, not n+1
+
+
+@pytest.mark.parametrize("output", ["softmax", "sigmoid"])
+def test_nearest_inversion_outside_a_crop_is_background(output) -> None:
+    from medseg.transforms import Prepared, invert_nearest, label_lookup
+
+    vol = Volume(np.zeros((12, 10, 8), np.float32), oblique_affine(spacing=(1.0, 1.0, 1.0)))
+    shift = np.eye(4)
+    shift[:3, 3] = [3, 2, 1]
+    n = (5, 4, 4)
+    logits = torch.full((2, *n), -5.0)
+    logits[1] = 5.0  # class 1 everywhere inside the crop
+    scores = torch.sigmoid(logits[1:]) if output == "sigmoid" else torch.softmax(logits, 0)
+    lut = label_lookup(LabelTable.from_names({3: "x"}), output)
+    got = invert_nearest(scores, Prepared(torch.zeros(1, *n), vol.affine @ shift, vol.shape, vol.affine, None,
+                                          cropped=True), lut, output=output)
+    expected = np.zeros(vol.shape, np.uint8)
+    expected[3:8, 2:6, 1:5] = 3
+    np.testing.assert_array_equal(got, expected)
