@@ -7,18 +7,18 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-fast lint typecheck bench clean system-deps
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch is pinned in the same pip command as monai (constraints.txt): a CPU wheel here, CUDA on GPU hosts.
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[napari,dask,bundle,dev]"
+	# torch is pinned in the same pip command as monai (.ci/constraints.txt): a CPU wheel here, CUDA on GPU hosts.
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[napari,dask,bundle,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/medseg demo
 
 system-deps:
-	@scripts/ensure-system-packages
+	@.ci/ensure-system-packages
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
