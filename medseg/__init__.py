@@ -7,6 +7,8 @@ Heavy dependencies (torch, MONAI, napari) are imported only by the functions tha
 from medseg.errors import MedsegError
 from medseg.io import list_series, load_volume, save_volume
 from medseg.labels import Label, LabelTable
+from medseg.metrics import evaluate
+from medseg.stats import volume_stats
 from medseg.volume import SourceReferences, Volume
 
 __version__ = "0.1.0"
@@ -20,6 +22,8 @@ __all__ = [
     "load_volume",
     "save_volume",
     "list_series",
+    "evaluate",
+    "volume_stats",
     "segment",
     "Segmenter",
     "Segmentation",

@@ -369,5 +369,90 @@ def phantom_cmd(
     console.print(table)
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    pred: Annotated[Path, typer.Argument(help="Predicted label map (NIfTI, NRRD, MHA, DICOM).")],
+    ref: Annotated[Path, typer.Argument(help="Reference label map.")],
+    nsd_tolerance_mm: Annotated[float, typer.Option("--nsd-tolerance", help="NSD tolerance in mm.")] = 2.0,
+    resample: Annotated[bool, typer.Option("--resample", help="Resample PRED onto REF's grid if they differ.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (strict: inf/nan as null).")] = False,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-label CSV here.")] = None,
+) -> None:
+    """Dice, IoU, precision, recall, Hausdorff, HD95, ASSD, NSD and volumes per label (docs/metrics.md)."""
+    from medseg.io import load_volume
+    from medseg.metrics import evaluate
+
+    try:
+        result = evaluate(load_volume(pred), load_volume(ref), nsd_tolerance_mm=nsd_tolerance_mm, resample=resample)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    if csv_out is not None:
+        csv_out.write_text(result.to_csv())
+    if as_json:
+        print_json(result.to_json())
+        return
+    table = Table("label", "Dice", "IoU", "HD95 mm", "ASSD mm", f"NSD@{nsd_tolerance_mm:g}", "pred mL", "ref mL")
+    for r in result.labels:
+        table.add_row(r.name, f"{r.dice:.4f}", f"{r.iou:.4f}", f"{r.hd95_mm:.2f}", f"{r.assd_mm:.2f}", f"{r.nsd:.4f}",
+                      f"{r.pred_ml:.2f}", f"{r.ref_ml:.2f}")
+    console.print(table)
+    for d in result.lesions:
+        console.print(f"{d.name}: {d.n_ref} reference / {d.n_pred} predicted lesions, detected {d.tp_ref}, missed "
+                      f"{d.fn}, false positive {d.fp}, F1 {d.f1:.3f}", highlight=False)
+
+
+@app.command("stats")
+def stats_cmd(
+    seg: Annotated[Path, typer.Argument(help="Label map (NIfTI, NRRD, MHA, DICOM).")],
+    image: Annotated[Path | None, typer.Option("--image", help="The scan, for intensity statistics.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (strict: inf/nan as null).")] = False,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-label CSV here.")] = None,
+) -> None:
+    """Volume (mL), intensity statistics, centroid, extent and lesion counts per label."""
+    from medseg.io import load_volume
+    from medseg.stats import volume_stats
+
+    try:
+        result = volume_stats(load_volume(seg), load_volume(image) if image is not None else None)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    if csv_out is not None:
+        csv_out.write_text(result.to_csv())
+    if as_json:
+        print_json(result.to_json())
+        return
+    unit = result.intensity_unit or "units"
+    table = Table("label", "voxels", "mL", "components", f"mean {unit}", f"SD {unit}")
+    for r in result.labels:
+        table.add_row(r.name, str(r.voxels), f"{r.volume_ml:.2f}", str(r.n_components), f"{r.intensity_mean:.1f}",
+                      f"{r.intensity_std:.1f}")
+    console.print(table)
+
+
+@app.command("report")
+def report_cmd(
+    results_dir: Annotated[Path, typer.Argument(help="RESULTS_DIR/<case_id>/pred.* (+ ref.*, image.*).")],
+    out: Annotated[Path, typer.Option("--out", help="HTML report to write (CSV/JSON go beside it).")] = Path(
+        "report.html"
+    ),
+    nsd_tolerance_mm: Annotated[float, typer.Option("--nsd-tolerance", help="NSD tolerance in mm.")] = 2.0,
+    modality: Annotated[str | None, typer.Option("--modality", help="Modality of NIfTI/NRRD images, e.g. CT.")] = None,
+    resample: Annotated[bool, typer.Option("--resample", help="Resample predictions/images onto the reference.")] = False,
+) -> None:
+    """Self-contained HTML report (tables, Dice and volume plots, thumbnails) plus CSV and JSON."""
+    from medseg.report import write_report
+
+    try:
+        result = write_report(results_dir, out, nsd_tolerance_mm=nsd_tolerance_mm, modality=modality,
+                              resample=resample)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    console.print(f"wrote {result.html_path} ({result.n_cases} cases, {result.n_evaluated} with a reference), "
+                  + ", ".join(str(p) for p in (*result.csv_paths, result.json_path)), highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app()

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import LabelTableError
+from medseg.errors import GridMismatchError, LabelTableError
 from medseg.labels import LabelTable
 from medseg.volume import Volume
 
@@ -829,7 +829,13 @@ def evaluate(
     resampled = False
     if not pred.same_grid(ref):
         if not resample:
-            ref.require_same_grid(pred, what="the reference and the prediction")
+            try:
+                ref.require_same_grid(pred, what="the reference and the prediction")
+            except GridMismatchError as exc:
+                raise GridMismatchError(
+                    f"{exc}\nOr let evaluate() do it: resample=True (CLI: --resample) puts the prediction on the "
+                    "reference grid (nearest neighbour)."
+                ) from None
         from medseg.resample import resample_to
 
         log.info("Resampling the prediction onto the reference grid (nearest neighbour).")

@@ -283,3 +283,22 @@ def test_no_lesions_anywhere_follows_the_empty_rule() -> None:
     assert (det.n_ref, det.n_pred, det.precision, det.recall, det.f1) == (0, 0, 1.0, 1.0, 1.0)
     only_pred = lesion_case([], [((5, 7), (5, 7), (5, 7))]).lesion("tumour")
     assert (only_pred.precision, only_pred.recall, only_pred.f1, only_pred.fp) == (0.0, 0.0, 0.0, 1)
+
+
+def test_cli_evaluate(tmp_path) -> None:
+    import medseg
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    assert medseg.evaluate is evaluate
+    spleen, liver = SPLEEN_DIR / "spleen.nii.gz", SPLEEN_DIR / "liver.nii.gz"
+    out = tmp_path / "m.csv"
+    res = CliRunner().invoke(app, ["evaluate", str(spleen), str(liver), "--json", "--csv", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["labels"][0]["dice"] == 0.0 and data["labels"][0]["ref_voxels"] == 41602
+    assert out.read_text().startswith("value,name,dice")
+    other = DATA / "pyradiomics" / "breast1_label.nrrd"
+    res = CliRunner().invoke(app, ["evaluate", str(other), str(liver)])
+    assert res.exit_code == 2 and "not on the same voxel grid" in res.output and "--resample" in res.output

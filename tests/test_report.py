@@ -131,3 +131,17 @@ def test_layout_errors(tmp_path: Path) -> None:
     with pytest.raises(ResultsLayoutError, match="ending in .html"):
         write_report(tmp_path / "dup", tmp_path / "report.pdf")
     assert not (tmp_path / "report.pdf").exists()
+
+
+def test_cli_report(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    _write_case(tmp_path / "res", "c1", image=False)
+    out = tmp_path / "rep.html"
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and (tmp_path / "rep_metrics.csv").exists() and (tmp_path / "rep.json").exists()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "nothing"), "--out", str(out)])
+    assert res.exit_code == 2 and "not a folder" in res.output

@@ -136,3 +136,22 @@ def test_errors() -> None:
         volume_stats(Volume(np.full((4, 5, 6), 0.25), np.eye(4)))
     with pytest.raises(LabelTableError, match="No label named 'spleen'"):
         volume_stats(seg, labels=["spleen"])
+
+
+def test_cli_stats(tmp_path) -> None:
+    import medseg
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    assert medseg.volume_stats is volume_stats
+    seg = DATA / "dicom_seg_example" / "liver_seg.nrrd"
+    out = tmp_path / "s.csv"
+    res = CliRunner().invoke(app, ["stats", str(seg), "--image", str(DATA / "dicom_seg_example" / "ct_3slice"),
+                                   "--json", "--csv", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert round(data["labels"][0]["volume_ml"], 2) == 70.36 and data["intensity_unit"] == "HU"
+    assert out.read_text().splitlines()[1].startswith("1,label_1,organ,107098")
+    res = CliRunner().invoke(app, ["stats", str(seg), "--image", str(DATA / "pyradiomics" / "brain1_image.nrrd")])
+    assert res.exit_code == 2 and "not on the same voxel grid" in res.output
