@@ -123,9 +123,26 @@ def label_array(volume: Volume, *, what: str = "label map") -> np.ndarray:
 
 
 def _bounding_boxes(arr: np.ndarray) -> list[tuple[slice, ...] | None]:
+    """Index v-1 → bounding box of value v (None if absent), found inside the foreground's bounding box."""
     from scipy import ndimage
 
-    return ndimage.find_objects(arr)  # index v-1 → bounding box of value v, None if absent
+    fg = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(arr.any(axis=other))
+        if idx.size == 0:
+            return []
+        fg.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    boxes = ndimage.find_objects(arr[tuple(fg)])
+    return [
+        None if b is None else tuple(slice(s.start + f.start, s.stop + f.start) for s, f in zip(b, fg, strict=True))
+        for b in boxes
+    ]
+
+
+def _label_counts(arr: np.ndarray, boxes: list[tuple[slice, ...] | None]) -> dict[int, int]:
+    """Voxel count of every value present, counted inside its bounding box (no full-size temporaries)."""
+    return {v: int(np.count_nonzero(arr[b] == v)) for v, b in enumerate(boxes, start=1) if b is not None}
 
 
 def _union_box(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
@@ -844,18 +861,18 @@ def evaluate(
     p_arr = label_array(pred, what="prediction")
     r_arr = label_array(ref, what="reference")
     tables = (ref.labels, pred.labels)
-    p_counts = np.bincount(p_arr.ravel()) if p_arr.size else np.zeros(1, dtype=np.int64)
-    r_counts = np.bincount(r_arr.ravel()) if r_arr.size else np.zeros(1, dtype=np.int64)
-    present = ({int(v) for v in np.flatnonzero(p_counts)} | {int(v) for v in np.flatnonzero(r_counts)}) - {0}
-    values = _resolve_labels(labels, tables, present, "prediction/reference")
     p_boxes = _bounding_boxes(p_arr)
     r_boxes = _bounding_boxes(r_arr)
+    p_counts = _label_counts(p_arr, p_boxes)
+    r_counts = _label_counts(r_arr, r_boxes)
+    present = set(p_counts) | set(r_counts)
+    values = _resolve_labels(labels, tables, present, "prediction/reference")
     linear = ref.affine[:3, :3]
     voxel_ml = ref.voxel_volume_ml
     rows = []
     for v in values:
-        n_p = int(p_counts[v]) if v < len(p_counts) else 0
-        n_r = int(r_counts[v]) if v < len(r_counts) else 0
+        n_p = p_counts.get(v, 0)
+        n_r = r_counts.get(v, 0)
         rows.append(
             _label_metrics(v, _label_name(v, tables), p_arr, r_arr, _box(p_boxes, v), _box(r_boxes, v),
                            n_p, n_r, linear, voxel_ml, nsd_tolerance_mm)

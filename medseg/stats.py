@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from medseg.metrics import LESION_CONNECTIVITY, _bounding_boxes, _finite, _is_lesion, _label_name, _resolve_labels
+from medseg.metrics import (
+    LESION_CONNECTIVITY,
+    _bounding_boxes,
+    _finite,
+    _is_lesion,
+    _label_counts,
+    _label_name,
+    _resolve_labels,
+)
 from medseg.metrics import label_array
 from medseg.volume import Volume
 
@@ -274,14 +282,14 @@ def volume_stats(
         img = image.array
         unit = "HU" if (image.modality or "").upper() == "CT" else None
     tables = (seg.labels,)
-    counts = np.bincount(arr.ravel()) if arr.size else np.zeros(1, dtype=np.int64)
-    present = {int(v) for v in np.flatnonzero(counts)} - {0}
+    boxes = _bounding_boxes(arr)
+    counts = _label_counts(arr, boxes)
+    present = set(counts)
     values = _resolve_labels(labels, tables, present, "segmentation")
     if lesion_labels is None:
         lesion_values = {v for v in values if _is_lesion(v, tables)}
     else:
         lesion_values = set(_resolve_labels(lesion_labels, tables, present, "segmentation"))
-    boxes = _bounding_boxes(arr)
     linear = seg.affine[:3, :3]
     voxel_extent = np.abs(linear) @ np.ones(3)  # world size of one voxel along x, y, z
     voxel_ml = seg.voxel_volume_ml
@@ -290,7 +298,7 @@ def volume_stats(
     for v in sorted(set(values) | lesion_values):
         name = _label_name(v, tables)
         kind = seg.labels[v].kind if seg.labels is not None and v in seg.labels else "organ"
-        n = int(counts[v]) if v < len(counts) else 0
+        n = counts.get(v, 0)
         box = boxes[v - 1] if 0 < v <= len(boxes) else None
         if n == 0 or box is None:
             if v in values:
