@@ -143,13 +143,33 @@ def _ball(shape=(40, 36, 30)) -> Volume:
     return Volume((0.55 - r).astype(np.float32), oblique_affine(spacing=(0.8, 0.9, 1.3)), modality="CT")
 
 
-def test_fast_preset_inverts_by_nearest_neighbour_and_changes_only_boundaries() -> None:
-    from medseg.inference import InferenceOptions, Segmenter
+def test_fast_preset_settings_and_the_default_stays_exact() -> None:
+    from medseg.inference import InferenceOptions
 
     preset = InferenceOptions.fast(device="cpu")
-    assert preset.inversion == "nearest" and preset.amp and preset.skip_empty and preset.sw_batch_size == 2
-    assert InferenceOptions().inversion == "trilinear"  # the default stays the exact inverse
-    assert InferenceOptions.fast(device="cpu", inversion="trilinear").inversion == "trilinear"
+    assert preset.amp and preset.skip_empty and preset.sw_batch_size == 2 and preset.resample == "separable"
+    assert preset.inversion == "trilinear"  # nearest-neighbour inversion stays a separate opt-in
+    default = InferenceOptions()
+    assert default.inversion == "trilinear" and default.resample == "monai" and not default.amp
+    assert InferenceOptions.fast(device="cpu", inversion="nearest").inversion == "nearest"
+    with pytest.raises(ValueError, match="resample must be 'monai' or 'separable', not 'cubic'"):
+        InferenceOptions(resample="cubic")
+
+
+def test_separable_resample_gives_the_labels_of_monai_resample() -> None:
+    from medseg.inference import Segmenter
+
+    c = card(preprocessing={"orientation": "LPS", "spacing_mm": [1.7, 1.5, 2.2], "intensity": {"kind": "none"}})
+    vol = _ball()
+    a = Segmenter(c, network=identity).segment(vol, probabilities=True)
+    b = Segmenter(c, network=identity, resample="separable").segment(vol, probabilities=True)
+    np.testing.assert_allclose(b.probabilities.array, a.probabilities.array, atol=1e-5)
+    np.testing.assert_array_equal(b.labels.array, a.labels.array)
+
+
+def test_nearest_inversion_changes_only_boundaries() -> None:
+    from medseg.inference import Segmenter
+
     c = card(preprocessing={"orientation": "LPS", "spacing_mm": [1.7, 1.5, 2.2], "intensity": {"kind": "none"}})
     vol = _ball()
     exact = Segmenter(c, network=identity).segment(vol).labels.array
