@@ -149,10 +149,12 @@ def _block_mean(a: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
 def _upsample(m: np.ndarray, f: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
     if f == (1, 1, 1):
         return m
-    for ax, fi in enumerate(f):
-        if fi > 1:
-            m = np.repeat(m, fi, axis=ax)
-    return m[: shape[0], : shape[1], : shape[2]]
+    n0, n1, n2 = m.shape
+    big = np.broadcast_to(m[:, None, :, None, :, None], (n0, f[0], n1, f[1], n2, f[2]))
+    big = big.reshape(n0 * f[0], n1 * f[1], n2 * f[2])  # one copy
+    if big.shape != tuple(shape):
+        big = np.ascontiguousarray(big[: shape[0], : shape[1], : shape[2]])
+    return big
 
 
 def _radius_vox(radius_mm: float, spacing: Sequence[float]) -> tuple[int, int, int]:

@@ -4,8 +4,10 @@ the real samples in tests/data."""
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
+from conftest import DATA, oblique_affine
 
 from medseg import Volume, load_volume
 from medseg.classical import (
@@ -22,8 +24,6 @@ from medseg.classical import (
 )
 from medseg.errors import ModalityMismatchError, NotVolumetricError, RegionError
 from medseg.resample import as_orientation, resample_to
-
-from conftest import DATA, oblique_affine
 
 BODY, LUNG_L, LUNG_R, AIRWAY, BONE = 1, 2, 3, 4, 5
 
@@ -342,7 +342,7 @@ def test_confidence_connected_learns_the_window(two_blobs):
 
 
 def test_otsu_in_box(two_blobs):
-    vol, (big, small) = two_blobs
+    vol, (big, _) = two_blobs
     ijk = np.argwhere(big)
     lo, hi = ijk.min(axis=0) - 2, ijk.max(axis=0) + 3
     box = tuple((int(max(a, 0)), int(min(b, n))) for a, b, n in zip(lo, hi, vol.shape))
