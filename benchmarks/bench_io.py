@@ -30,14 +30,12 @@ SYNTAX_NAMES = {"explicit": "explicit-vr-little-endian", "j2k": "jpeg2000-lossle
 
 def child(loader: str, folder: str, repeats: int) -> None:
     """Run one loader ``repeats`` times in this process; print JSON with the best time and peak RSS growth."""
-    import resource
-
     import numpy as np
 
-    def rss_mb() -> float:
+    def status_mb(field: str) -> float:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         return 0.0
 
@@ -70,7 +68,7 @@ def child(loader: str, folder: str, repeats: int) -> None:
             files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
             return np.stack([pydicom.dcmread(f).pixel_array for f in files]), None
 
-    base = rss_mb()
+    base = status_mb("VmRSS")
     times = []
     peak = 0.0
     extra = {}
@@ -78,7 +76,8 @@ def child(loader: str, folder: str, repeats: int) -> None:
         t0 = time.perf_counter()
         out = run()
         times.append(time.perf_counter() - t0)
-        peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after the first load only
+        # VmHWM, not getrusage: ru_maxrss carries the parent's peak across fork/exec.
+        peak = peak or status_mb("VmHWM")  # after the first load only
         arr = np.asarray(out[0])
         extra = {"shape": list(arr.shape), "dtype": str(arr.dtype), "checksum": float(arr.sum(dtype=np.float64))}
         del out, arr
