@@ -30,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from medseg import Volume, load_volume  # noqa: E402
-from medseg.classical import CtBasicConfig, ct_basic  # noqa: E402
-from medseg.resample import resample_to  # noqa: E402
+from medseg import Volume, load_volume
+from medseg.classical import CtBasicConfig, ct_basic
+from medseg.resample import resample_to
 
 DATA = ROOT / "tests" / "data"
 BODY, LUNG_L, LUNG_R, AIRWAY, BONE = 1, 2, 3, 4, 5
