@@ -71,6 +71,7 @@ def test_segments_a_small_phantom_on_its_own_grid(card) -> None:  # type: ignore
         assert result[lesion].dice >= TUMOUR_DICE_MIN, (lesion, result[lesion].dice)
 
 
-# Thresholds a little under what the shipped weights measured on this phantom (see the test above, docs/training.md).
+# Measured with the shipped weights on this phantom (CPU): liver 0.914, spleen 0.928, kidney_left 0.947,
+# kidney_right 0.867, liver_tumour 0.719, kidney_tumour 0.754; thresholds sit a little below.
 ORGAN_DICE_MIN = 0.85
-TUMOUR_DICE_MIN = 0.5
+TUMOUR_DICE_MIN = 0.6
