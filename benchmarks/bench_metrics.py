@@ -42,7 +42,11 @@ def ours(pred: np.ndarray, ref: np.ndarray, affine: np.ndarray, tol: float) -> d
 
 def monai(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], tol: float) -> dict[str, float]:
     import torch
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_hausdorff_distance,
+        compute_surface_dice,
+    )
 
     p = torch.from_numpy(pred)[None, None]
     r = torch.from_numpy(ref)[None, None]
@@ -84,8 +88,8 @@ def main() -> None:
           f"(2.3, -1.6, 3.0) mm; torch threads {torch.get_num_threads()}")
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
-    res_m, t_m, peak_m = timed(monai, pred, ref, spacing, tol)  # warm-up, imports
-    res_o, t_o, peak_o = timed(ours, pred, ref, affine, tol)
+    res_m, _t_m, peak_m = timed(monai, pred, ref, spacing, tol)  # warm-up, imports
+    res_o, _t_o, peak_o = timed(ours, pred, ref, affine, tol)
     times_m, times_o = [], []
     for _ in range(args.repeats):
         res_m, t, peak_m = timed(monai, pred, ref, spacing, tol)

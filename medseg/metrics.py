@@ -34,7 +34,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -43,23 +43,23 @@ from medseg.labels import LabelTable
 from medseg.volume import Volume
 
 __all__ = [
-    "evaluate",
+    "DEFAULT_NSD_TOLERANCE_MM",
+    "EMPTY_MASK_RULE",
+    "LESION_CONNECTIVITY",
     "EvaluationResult",
     "LabelMetrics",
     "LesionDetection",
     "LesionMatch",
     "SurfaceDistances",
-    "surface_distances",
+    "evaluate",
     "label_array",
-    "EMPTY_MASK_RULE",
-    "LESION_CONNECTIVITY",
-    "DEFAULT_NSD_TOLERANCE_MM",
+    "surface_distances",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Connectivity of lesion components: 26 = voxels touching by a face, an edge or a corner are one lesion.
-LESION_CONNECTIVITY = 26
+LESION_CONNECTIVITY: Final = 26
 
 #: Default tolerance of the normalised surface Dice, in mm.
 DEFAULT_NSD_TOLERANCE_MM = 2.0
@@ -552,7 +552,7 @@ def result_from_json(data: dict[str, Any]) -> EvaluationResult:
     try:
         labels = tuple(
             LabelMetrics(
-                **{
+                **{  # type: ignore[arg-type]
                     f.name: (num(row, f.name) if f.type in ("float", float) else row[f.name])
                     for f in fields(LabelMetrics)
                 }
@@ -644,10 +644,10 @@ def _label_metrics(
     pred_ml, ref_ml = n_p * voxel_ml, n_r * voxel_ml
     diff_ml = pred_ml - ref_ml
     pred_empty, ref_empty = n_p == 0, n_r == 0
-    common = dict(
-        value=value, name=name, pred_ml=pred_ml, ref_ml=ref_ml, volume_diff_ml=diff_ml,
-        pred_voxels=n_p, ref_voxels=n_r, pred_empty=pred_empty, ref_empty=ref_empty,
-    )
+    common = {
+        "value": value, "name": name, "pred_ml": pred_ml, "ref_ml": ref_ml, "volume_diff_ml": diff_ml,
+        "pred_voxels": n_p, "ref_voxels": n_r, "pred_empty": pred_empty, "ref_empty": ref_empty,
+    }
     if pred_empty and ref_empty:
         return LabelMetrics(dice=1.0, iou=1.0, precision=1.0, recall=1.0, hausdorff_mm=0.0, hd95_mm=0.0,
                             assd_mm=0.0, nsd=1.0, volume_diff_pct=0.0, **common)  # type: ignore[arg-type]

@@ -44,18 +44,18 @@ from medseg.stats import LabelStats, VolumeStats, volume_stats
 from medseg.volume import Volume
 
 __all__ = [
-    "CaseResult",
-    "ReportResult",
-    "find_cases",
     "CaseFiles",
-    "evaluate_case",
-    "build_report",
-    "write_report",
-    "render_html",
-    "metrics_csv",
-    "stats_csv",
-    "display_slices",
+    "CaseResult",
     "DisplaySlices",
+    "ReportResult",
+    "build_report",
+    "display_slices",
+    "evaluate_case",
+    "find_cases",
+    "metrics_csv",
+    "render_html",
+    "stats_csv",
+    "write_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class DisplaySlices:
     coronal_extent_mm: tuple[float, float, float, float]
 
 
-def display_slices(volume: Volume, point_mm: Sequence[float]) -> DisplaySlices:
+def display_slices(volume: Volume, point_mm: Sequence[float] | np.ndarray) -> DisplaySlices:
     """Axial and coronal slices through a world point, oriented as radiologists read them.
 
     The volume is reordered (exactly, no interpolation) to LPS voxel axes: i runs to the patient's left, j to
@@ -401,7 +401,8 @@ def _volume_figures(by_label: dict[str, list[tuple[str, Any]]]) -> str:
     import matplotlib.pyplot as plt
 
     fig, (sc, ba) = plt.subplots(1, 2, figsize=(10.0, 4.2))
-    all_ref, all_pred = [], []
+    all_ref: list[float] = []
+    all_pred: list[float] = []
     for n, name in enumerate(sorted(by_label)):
         rows = [r for _, r in by_label[name]]
         ref = np.array([r.ref_ml for r in rows])
@@ -475,8 +476,8 @@ def render_html(cases: Sequence[CaseResult], *, title: str = "medseg report") ->
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>")]
     n_eval = sum(c.evaluation is not None for c in cases)
     tol = next((c.evaluation.nsd_tolerance_mm for c in cases if c.evaluation is not None), None)
     parts.append(f"<p class='note'>{len(cases)} case(s), {n_eval} with a reference. Distances in mm, volumes in mL"

@@ -33,11 +33,11 @@ from medseg.metrics import (
     _label_counts,
     _label_name,
     _resolve_labels,
+    label_array,
 )
-from medseg.metrics import label_array
 from medseg.volume import Volume
 
-__all__ = ["volume_stats", "VolumeStats", "LabelStats", "LesionStats", "longest_axis_mm"]
+__all__ = ["LabelStats", "LesionStats", "VolumeStats", "longest_axis_mm", "volume_stats"]
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import DATA, oblique_affine
 
 from medseg import Volume
 from medseg.errors import GridMismatchError, LabelTableError
 from medseg.labels import Label, LabelTable
 from medseg.metrics import EvaluationResult, evaluate, result_from_json, surface_distances, to_json_text
-from conftest import DATA, oblique_affine
 
 SPLEEN_DIR = DATA / "totalseg_example" / "example_seg_v1"
 
@@ -286,9 +286,9 @@ def test_no_lesions_anywhere_follows_the_empty_rule() -> None:
 
 
 def test_cli_evaluate(tmp_path) -> None:
-    import medseg
     from typer.testing import CliRunner
 
+    import medseg
     from medseg.cli import app
 
     assert medseg.evaluate is evaluate

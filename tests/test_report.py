@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from medseg import Volume, load_volume, save_volume
 from medseg.errors import ResultsLayoutError
 from medseg.labels import Label, LabelTable
 from medseg.report import display_slices, find_cases, write_report
 from medseg.resample import as_orientation
-from conftest import DATA
 
 RAS = np.diag([0.8, 1.1, 2.5, 1.0])
 RAS[:3, 3] = (-10.0, -20.0, 30.0)

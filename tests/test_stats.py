@@ -8,12 +8,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import DATA, oblique_affine
 
 from medseg import Volume, load_volume
 from medseg.errors import GridMismatchError, LabelTableError
 from medseg.labels import Label, LabelTable
 from medseg.stats import longest_axis_mm, volume_stats
-from conftest import DATA, oblique_affine
 
 
 @pytest.mark.parametrize(("case", "volume_mm3"), [("brain1", 16412.66), ("breast1", 132.43)])
@@ -139,9 +139,9 @@ def test_errors() -> None:
 
 
 def test_cli_stats(tmp_path) -> None:
-    import medseg
     from typer.testing import CliRunner
 
+    import medseg
     from medseg.cli import app
 
     assert medseg.volume_stats is volume_stats
