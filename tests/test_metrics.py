@@ -130,9 +130,12 @@ def test_real_spleen_vs_shifted_and_eroded(totalseg: dict[str, Volume]) -> None:
 
     spleen = totalseg["spleen"]
     assert spleen.array.dtype == np.float64  # float 0/1 masks are accepted as label maps
-    shifted = spleen.with_array(np.roll(spleen.array, (2, -1, 1), axis=(0, 1, 2)))
+    moved = np.roll(spleen.array, (2, -1, 1), axis=(0, 1, 2))
+    moved[:2], moved[:, -1:], moved[:, :, :1] = 0, 0, 0  # a shift, not a wrap-around (the spleen meets the edge)
+    shifted = spleen.with_array(moved)
     eroded = spleen.with_array(ndimage.binary_erosion(spleen.array > 0, iterations=2).astype(np.float64))
     check_against_references(shifted, spleen)
+    assert evaluate(shifted, spleen)[1].hausdorff_mm <= 3.0 * math.sqrt(6) + 1e-9  # shift of (2, 1, 1) voxels
     check_against_references(eroded, spleen, tolerance_mm=3.0)
 
 
