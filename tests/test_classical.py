@@ -450,3 +450,31 @@ def test_remove_islands_errors():
     with pytest.raises(RegionError, match="connectivity must be 6, 18 or 26"):
         remove_islands(ok, min_ml=1.0, connectivity=8)  # type: ignore[arg-type]
 
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAS"])
+def test_ct_basic_on_the_abdominal_phantom(orientation):
+    """medseg.phantom's abdomen has lung bases at the top (not in its label map) and bowel gas: ct-basic finds two
+    lungs, each on the side of the phantom's own organs (liver: patient right, spleen: patient left), no lung in
+    the bowel, and every organ inside the body."""
+    from medseg.phantom import make_phantom
+
+    ph = make_phantom(2, shape=(112, 104, 36), orientation=orientation)
+    out = ct_basic(ph.image)
+    assert out.same_grid(ph.image)
+    table = ph.label_table
+
+    def x_of(mask: np.ndarray) -> float:
+        return float(ph.image.world_mm(np.argwhere(mask).mean(axis=0))[0])
+
+    liver_x = x_of(ph.labels.array == table.value_of("liver"))
+    spleen_x = x_of(ph.labels.array == table.value_of("spleen"))
+    assert liver_x > 0 > spleen_x  # the phantom's own sides, in RAS
+    assert np.sign(x_of(out.array == LUNG_R)) == np.sign(liver_x)
+    assert np.sign(x_of(out.array == LUNG_L)) == np.sign(spleen_x)
+    for value in (LUNG_L, LUNG_R):
+        assert (out.array == value).sum() * ph.image.voxel_volume_ml > 100
+    organs = ph.labels.array > 0
+    assert (out.array[organs] > 0).mean() > 0.99  # every organ inside the body
+    assert not np.isin(out.array[organs], [LUNG_L, LUNG_R, AIRWAY]).any()
+    assert (out.array == BONE).sum() * ph.image.voxel_volume_ml > 5  # the spine and ribs
