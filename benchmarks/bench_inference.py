@@ -246,7 +246,8 @@ def child_medseg(case: dict, device: str, out: Path, fast: bool) -> dict:
     np.save(out, result.labels.array)
     return {"seconds": t1 - t0, "network_s": result.timings_s["network"], "prepare_s": result.timings_s["prepare"],
             "invert_s": result.timings_s["invert"], **result.stats,
-            "sw_batch_size": options.sw_batch_size or case["batch"]}
+            "sw_batch_size": options.sw_batch_size or case["batch"], "inversion": options.inversion,
+            "resample": options.resample}
 
 
 def run_child(kind: str, case: dict, device: str, workdir: Path) -> dict:
@@ -388,7 +389,7 @@ def main() -> None:
         print(f"fast vs default: {ours['seconds'] / fast['seconds']:.2f}× faster "
               f"(batch {fast['sw_batch_size']}, amp {'bf16' if device == 'cpu' else 'fp16'}, "
               f"{fast['windows_skipped']} of {fast['windows'] + fast['windows_skipped']} windows skipped, "
-              f"nearest-neighbour inversion); Dice per label vs default: "
+              f"resample {fast.get('resample', '?')}, inversion {fast.get('inversion', '?')}); Dice per label vs default: "
               + ", ".join(f"{v}: {d:.4f}" for v, d in per_label.items())
               + f" (min {min(per_label.values(), default=1.0):.4f})")
         if case_b is None:
