@@ -321,19 +321,26 @@ def _source(source: str, data: Any, where: str, base: Path) -> Source:
 def read_manifest(path: str | Path) -> ManifestSource:
     """Read a manifest of labelled cases.
 
-    JSON: a list of ``{"image": ..., "label": ...}`` objects, or ``{"cases": [...]}`` (also ``training`` as in an
-    MSD ``dataset.json``). CSV: a header with ``image`` and ``label`` columns. Relative paths resolve against the
-    manifest's folder.
+    JSON: a list of ``{"image": ..., "label": ...}`` objects, or ``{"root": ..., "cases": [...]}`` (also
+    ``training`` as in an MSD ``dataset.json``). CSV: a header with ``image`` and ``label`` columns. Paths are
+    relative to the manifest's **root**: the manifest's folder, or the folder named by ``"root"`` (itself relative to
+    the manifest). A path that resolves outside the root (``..``, an absolute path elsewhere, a symlink out) is
+    refused, so a manifest cannot reach files it was not given. Optional ``image_sha256`` / ``label_sha256`` are
+    checked.
 
     Raises
     ------
     RecipeError
-        If the manifest cannot be read, has no cases, or names files that do not exist.
+        If the manifest cannot be read, has no cases, names files that do not exist or lie outside its root, or a
+        checksum differs.
     """
+    import hashlib
+
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: manifest not found. Give a JSON or CSV file listing image and label paths.")
     rows: list[Mapping[str, Any]]
+    root = path.parent
     try:
         if path.suffix.lower() == ".csv":
             with open(path, newline="") as f:
@@ -341,20 +348,35 @@ def read_manifest(path: str | Path) -> ManifestSource:
         else:
             data = json.loads(path.read_text())
             if isinstance(data, Mapping):
+                if data.get("root") is not None:
+                    root = path.parent / str(data["root"])
                 data = data.get("cases", data.get("training"))
             rows = data if isinstance(data, list) else []
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
         raise RecipeError(f"{path}: cannot read the manifest ({exc}).") from None
+    root = root.resolve()
     cases = []
     for n, row in enumerate(rows):
         if not isinstance(row, Mapping) or not row.get("image") or not row.get("label"):
             raise RecipeError(f"{path}: case {n} needs 'image' and 'label' paths, got {row!r}.")
         pair = []
         for key in ("image", "label"):
-            p = Path(str(row[key]))
-            p = p if p.is_absolute() else path.parent / p
+            p = (root / str(row[key])).resolve()
+            if not p.is_relative_to(root):
+                raise RecipeError(
+                    f"{path}: case {n}: {key} path {row[key]!r} leaves the manifest's root {root}; manifests may only "
+                    "name files inside their root (set \"root\" in a JSON manifest, or move the manifest)."
+                )
             if not p.exists():
                 raise RecipeError(f"{path}: case {n}: {key} file {p} does not exist.")
+            expected = row.get(f"{key}_sha256")
+            if expected and p.is_file():
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                if digest != str(expected).lower():
+                    raise RecipeError(
+                        f"{path}: case {n}: {key} file {p} has sha256 {digest}, the manifest records {expected}; "
+                        "the file changed since the manifest was written."
+                    )
             pair.append(p)
         cases.append((pair[0], pair[1]))
     if not cases:

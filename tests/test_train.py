@@ -235,3 +235,43 @@ def test_init_from_a_trained_card(smoke_run: dict, tmp_path: Path) -> None:
     recipe.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="missing.yaml does not exist"):
         load_recipe(recipe)
+
+
+def test_manifest_paths_stay_inside_their_root_and_checksums_hold(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "img.nii.gz").write_bytes(b"image")
+    (root / "lab.nii.gz").write_bytes(b"label")
+    (tmp_path / "secret.nii.gz").write_bytes(b"outside")
+    m = root / "m.json"
+    m.write_text(json.dumps([{"image": "../secret.nii.gz", "label": "lab.nii.gz"}]))
+    with pytest.raises(RecipeError, match=r"leaves the manifest's root"):
+        read_manifest(m)
+    m.write_text(json.dumps([{"image": str(tmp_path / "secret.nii.gz"), "label": "lab.nii.gz"}]))
+    with pytest.raises(RecipeError, match=r"leaves the manifest's root"):
+        read_manifest(m)
+    (root / "link.nii.gz").symlink_to(tmp_path / "secret.nii.gz")
+    m.write_text(json.dumps([{"image": "link.nii.gz", "label": "lab.nii.gz"}]))
+    with pytest.raises(RecipeError, match=r"leaves the manifest's root"):
+        read_manifest(m)
+    # A manifest elsewhere names its root; paths resolve inside it; recorded checksums are checked.
+    other = tmp_path / "manifests"
+    other.mkdir()
+    good = hashlib.sha256(b"image").hexdigest()
+    m2 = other / "m.json"
+    m2.write_text(json.dumps({"root": "../data", "cases": [{"image": "img.nii.gz", "label": "lab.nii.gz",
+                                                              "image_sha256": good}]}))
+    assert read_manifest(m2).cases == ((root / "img.nii.gz", root / "lab.nii.gz"),)
+    m2.write_text(json.dumps({"root": "../data", "cases": [{"image": "img.nii.gz", "label": "lab.nii.gz",
+                                                              "image_sha256": "0" * 64}]}))
+    with pytest.raises(RecipeError, match=r"has sha256 .* the manifest records 0{64}"):
+        read_manifest(m2)
+
+
+def test_shipped_sample_manifest_is_valid() -> None:
+    manifest = Path(__file__).parents[1] / "data_manifests" / "sample-data.json"
+    cases = read_manifest(manifest).cases  # checks every recorded sha256 and that no path leaves the root
+    assert len(cases) == 5 and all(img.exists() and lab.exists() for img, lab in cases)
