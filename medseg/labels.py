@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from medseg.errors import LabelTableError
 
-__all__ = ["Label", "LabelKind", "LabelTable", "sidecar_path"]
+__all__ = ["Label", "LabelKind", "LabelTable", "find_row", "sidecar_path"]
 
 LabelKind = Literal["organ", "lesion", "other"]
 _KINDS = ("organ", "lesion", "other")
@@ -190,6 +190,21 @@ class LabelTable(Mapping[int, Label]):
 
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def find_row(rows: Iterable[Any], key: int | str, *, what: str = "label") -> Any:
+    """The first row whose ``value`` or ``name`` equals ``key`` (rows of per-label result tables).
+
+    Raises
+    ------
+    KeyError
+        If no row has that value or name (the message lists the names there are).
+    """
+    rows = tuple(rows)
+    for row in rows:
+        if row.value == key or row.name == key:
+            return row
+    raise KeyError(f"No {what} {key!r}; rows: {[r.name for r in rows]}")
 
 
 def sidecar_path(image_path: str | Path) -> Path:

@@ -39,7 +39,7 @@ from typing import Any, Final
 import numpy as np
 
 from medseg.errors import GridMismatchError, LabelTableError
-from medseg.labels import LabelTable
+from medseg.labels import LabelTable, find_row
 from medseg.volume import Volume
 
 __all__ = [
@@ -473,10 +473,7 @@ class EvaluationResult:
         KeyError
             If no row has that value or name.
         """
-        for row in self.labels:
-            if row.value == key or row.name == key:
-                return row
-        raise KeyError(f"No evaluated label {key!r}; rows: {[r.name for r in self.labels]}")
+        return find_row(self.labels, key, what="evaluated label")  # type: ignore[no-any-return]
 
     def lesion(self, key: int | str) -> LesionDetection:
         """The lesion-wise result of a label by value or name.

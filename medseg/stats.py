@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.labels import find_row
 from medseg.metrics import (
     LESION_CONNECTIVITY,
     _bounding_boxes,
@@ -138,10 +139,7 @@ class VolumeStats:
         KeyError
             If no row has that value or name.
         """
-        for row in self.labels:
-            if row.value == key or row.name == key:
-                return row
-        raise KeyError(f"No label {key!r}; rows: {[r.name for r in self.labels]}")
+        return find_row(self.labels, key)  # type: ignore[no-any-return]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite numbers become null)."""
