@@ -603,7 +603,12 @@ def _rescale(raw: np.ndarray, frames: Sequence[_Frame]) -> np.ndarray:
         target = next((np.dtype(t) for t in (np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max),
                       None)
         if target is not None:
-            out = raw if raw.dtype == target else raw.astype(target)
+            if raw.dtype == target:
+                out = raw
+            elif raw.dtype.itemsize == target.itemsize and raw.dtype.kind == "u" and float(raw.max()) <= np.iinfo(target).max:
+                out = raw.view(target)  # same values, reinterpreted in place: no second copy of the volume
+            else:
+                out = raw.astype(target)
             if np.all(inters == inters[0]):
                 out += target.type(inters[0])
             else:
