@@ -164,26 +164,26 @@ def _radius_vox(radius_mm: float, spacing: Sequence[float]) -> tuple[int, int, i
     return tuple(max(1, int(np.floor(radius_mm / s + 1e-6))) for s in spacing)  # type: ignore[return-value]
 
 
-def _erode(m: np.ndarray, r: Sequence[int]) -> np.ndarray:
-    """Binary erosion by a box of half-widths ``r`` (separable; the outside of the array copies its edge)."""
+def _box_morphology(m: np.ndarray, r: Sequence[int], *, dilate: bool) -> np.ndarray:
+    """Binary erosion or dilation by a box of half-widths ``r``: separable 1-D min/max filters, edges copied."""
     import scipy.ndimage as ndi
 
+    filter1d = ndi.maximum_filter1d if dilate else ndi.minimum_filter1d
     a = m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.uint8)
     for ax, ri in enumerate(r):
         if ri > 0:
-            a = ndi.minimum_filter1d(a, 2 * ri + 1, axis=ax, mode="nearest")
+            a = filter1d(a, 2 * ri + 1, axis=ax, mode="nearest")
     return a.astype(bool)
+
+
+def _erode(m: np.ndarray, r: Sequence[int]) -> np.ndarray:
+    """Binary erosion by a box of half-widths ``r`` (separable; the outside of the array copies its edge)."""
+    return _box_morphology(m, r, dilate=False)
 
 
 def _dilate(m: np.ndarray, r: Sequence[int]) -> np.ndarray:
     """Binary dilation by a box of half-widths ``r`` (separable)."""
-    import scipy.ndimage as ndi
-
-    a = m.view(np.uint8) if m.dtype == np.bool_ else m.astype(np.uint8)
-    for ax, ri in enumerate(r):
-        if ri > 0:
-            a = ndi.maximum_filter1d(a, 2 * ri + 1, axis=ax, mode="nearest")
-    return a.astype(bool)
+    return _box_morphology(m, r, dilate=True)
 
 
 def _fill_holes_in_plane(m: np.ndarray, axial: int) -> np.ndarray:
