@@ -78,6 +78,10 @@ class InferenceOptions:
         three 1-D linear interpolations (equal up to float rounding, faster on CPU; oblique grids fall back).
     slab_mb : float
         Memory budget (MiB) of one slab of class scores while going back to the input grid.
+    channels_last : bool
+        Run the network with its 5-D weights and inputs in PyTorch's ``channels_last_3d`` memory layout. Same
+        arithmetic, another layout: oneDNN's bf16 convolutions, transposed ones above all, run faster in it on
+        CPU (fast mode; see ``docs/inference.md``). Ignored for TorchScript models.
     """
 
     device: str | None = None
@@ -92,6 +96,7 @@ class InferenceOptions:
     inversion: Literal["trilinear", "nearest"] = "trilinear"
     resample: Literal["monai", "separable"] = "monai"
     slab_mb: float = 64.0
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.inversion not in ("trilinear", "nearest"):
@@ -111,8 +116,10 @@ class InferenceOptions:
         so it stays a separate opt-in. Every field can be overridden: ``InferenceOptions.fast(amp=False)``.
         """
         device = choose_device(overrides.get("device"))
-        batch = 2 if device.type == "cpu" else 4
-        return replace(cls(amp=True, skip_empty=True, sw_batch_size=batch, resample="separable"), **overrides)
+        cpu = device.type == "cpu"
+        preset = cls(amp=True, skip_empty=True, sw_batch_size=2 if cpu else 4, resample="separable",
+                     channels_last=cpu)
+        return replace(preset, **overrides)
 
 
 @dataclass(frozen=True)
@@ -269,6 +276,10 @@ class Segmenter:
         self._net = network if network is not None else self._load_network()
         if hasattr(self._net, "to") and network is None:
             self._net = self._net.to(dev)
+            if self.options.channels_last and not _is_scripted(self._net):
+                import torch
+
+                self._net = self._net.to(memory_format=torch.channels_last_3d)
 
     # ---- loading ------------------------------------------------------------------------------------------
     def _load_network(self) -> Any:
@@ -452,6 +463,8 @@ class Segmenter:
         net = self._net
 
         def run(x: torch.Tensor) -> torch.Tensor:
+            if opt.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=bool(use_amp)):
                 if not opt.tta:
                     out = _first(net(x))
@@ -527,6 +540,12 @@ class Segmenter:
                         need / 2**30, free / 2**30)
             return torch.device("cpu")
         return dev
+
+
+def _is_scripted(net: Any) -> bool:
+    import torch
+
+    return isinstance(net, torch.jit.ScriptModule)
 
 
 def _first(out: Any) -> Any:

@@ -136,6 +136,23 @@ def test_bf16_amp_on_cpu_stays_close(tmp_path: Path) -> None:
     assert (a == b).mean() > 0.95
 
 
+def test_channels_last_runs_the_same_network(tmp_path: Path) -> None:
+    import torch
+
+    from medseg.inference import Segmenter
+
+    c = _unet_card(tmp_path, inference={"patch_size": [16, 16, 16], "overlap": 0.25}, postprocessing={})
+    vol = _body_ct((32, 28, 20))
+    a = Segmenter(c, device="cpu").segment(vol, probabilities=True)
+    seg = Segmenter(c, device="cpu", channels_last=True)
+    weights = [p for p in seg._net.parameters() if p.ndim == 5]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+    assert not all(p.is_contiguous() for p in weights)  # really another layout
+    b = seg.segment(vol, probabilities=True)
+    np.testing.assert_allclose(b.probabilities.array, a.probabilities.array, atol=1e-5)
+    np.testing.assert_array_equal(b.labels.array, a.labels.array)
+
+
 def _ball(shape=(40, 36, 30)) -> Volume:
     """A smooth blob (intensity = 1 - r/R) on an oblique, anisotropic grid: the identity predictor's class-1 logit."""
     ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
@@ -148,6 +165,7 @@ def test_fast_preset_settings_and_the_default_stays_exact() -> None:
 
     preset = InferenceOptions.fast(device="cpu")
     assert preset.amp and preset.skip_empty and preset.sw_batch_size == 2 and preset.resample == "separable"
+    assert preset.channels_last and not InferenceOptions().channels_last
     assert preset.inversion == "trilinear"  # nearest-neighbour inversion stays a separate opt-in
     default = InferenceOptions()
     assert default.inversion == "trilinear" and default.resample == "monai" and not default.amp

@@ -345,13 +345,16 @@ def test_nearest_inversion_outside_a_crop_is_background(output) -> None:
     ((1.0, 0.8, 1.9), "LPS", True), ((1.5, 1.5, 2.0), "RAS", False), ((0.5, 0.5, 0.5), "SAR", True),
     (None, "LPI", True),
 ])
-def test_separable_resample_equals_monai_resample(spacing, orientation, flip) -> None:
-    """Fast-mode resampling: MONAI plans the grid, three 1-D interpolations execute it: equal up to rounding."""
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_separable_resample_equals_monai_resample(spacing, orientation, flip, order) -> None:
+    """Fast-mode resampling: MONAI plans the grid, three 1-D interpolations execute it: equal up to rounding.
+    Fortran-ordered arrays (how NIfTI data arrive) are resampled in their memory order, without a copy."""
     from medseg.transforms import prepare
 
     rng = np.random.default_rng(1)
-    vol = Volume((100 * rng.normal(size=(21, 17, 9))).astype(np.int16),
-                 oblique_affine(spacing=(0.7, 1.3, 2.9), flip=flip))
+    arr = np.asarray((100 * rng.normal(size=(21, 17, 9))).astype(np.int16), order=order)
+    vol = Volume(arr, oblique_affine(spacing=(0.7, 1.3, 2.9), flip=flip))
+    assert vol.to_metatensor().is_contiguous() == (order == "C")
     c = card(spacing=spacing, orientation=orientation)
     a = prepare(vol, c)
     b = prepare(vol, c, resample="separable")
@@ -368,3 +371,25 @@ def test_separable_resample_without_geometry_changes_nothing() -> None:
     b = prepare(vol, card(orientation=None), resample="separable")
     np.testing.assert_array_equal(b.image[0].numpy(), vol.array)
     np.testing.assert_allclose(b.affine, vol.affine)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_in_place_ct_window_is_bit_identical_to_monai_and_leaves_the_scan_alone(clip) -> None:
+    import torch
+    from monai.transforms import ScaleIntensityRange
+
+    from medseg.transforms import _scale_range_in_place, prepare
+
+    x = torch.from_numpy(np.random.default_rng(3).normal(0, 600, (1, 23, 19, 11)).astype(np.float32))
+    t = ScaleIntensityRange(a_min=-175.0, a_max=250.0, b_min=0.0, b_max=1.0, clip=clip, dtype=np.float32)
+    expected = torch.as_tensor(t(x.clone()))
+    got = _scale_range_in_place(x, t)
+    assert got.data_ptr() == x.data_ptr() and torch.equal(got, expected)
+    # Without a resample the network sees the caller's own float32 array: it must not be scaled in place.
+    arr = (600 * np.random.default_rng(4).normal(size=(9, 8, 7))).astype(np.float32)
+    before = arr.copy()
+    vol = Volume(arr, np.eye(4))
+    c = card(orientation=None, intensity={"kind": "ct_window", "a_min": -175, "a_max": 250, "clip": clip})
+    out = prepare(vol, c)
+    np.testing.assert_array_equal(arr, before)
+    np.testing.assert_array_equal(out.image[0].numpy(), np.asarray(t(torch.from_numpy(before[None])))[0])

@@ -150,7 +150,11 @@ def volume_to_metatensor(volume: Volume) -> MetaTensor:
     }
     if volume.source is not None and volume.source.files:
         meta["filename_or_obj"] = volume.source.files[0]
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), meta=meta)
+    # Arrays in Fortran order (NIfTI data) stay so: a transposing copy of a CT costs about a second, and every
+    # consumer (MONAI's resample, medseg's separable one) reads strided tensors. Negative strides must be copied.
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous) or any(s < 0 for s in arr.strides):
+        arr = np.ascontiguousarray(arr)
+    return MetaTensor(torch.from_numpy(arr), meta=meta)
 
 
 def volume_from_metatensor(
