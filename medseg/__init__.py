@@ -14,20 +14,20 @@ from medseg.volume import SourceReferences, Volume
 __version__ = "0.1.0"
 
 __all__ = [
-    "Volume",
-    "SourceReferences",
     "Label",
     "LabelTable",
     "MedsegError",
+    "Segmentation",
+    "Segmenter",
+    "SourceReferences",
+    "Volume",
+    "__version__",
+    "evaluate",
+    "list_series",
     "load_volume",
     "save_volume",
-    "list_series",
-    "evaluate",
-    "volume_stats",
     "segment",
-    "Segmenter",
-    "Segmentation",
-    "__version__",
+    "volume_stats",
 ]
 
 # Lazily imported (they need torch and MONAI): ``import medseg`` stays light.

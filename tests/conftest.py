@@ -15,7 +15,7 @@ def _cuda() -> bool:
         import torch
 
         return bool(torch.cuda.is_available())
-    except Exception:  # pragma: no cover
+    except (ImportError, RuntimeError):  # pragma: no cover
         return False
 
 

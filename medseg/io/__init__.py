@@ -4,5 +4,13 @@ from medseg.io.dicom import SeriesInfo, list_series
 from medseg.io.dicom_write import WrittenSeries, write_dicom_series
 from medseg.io.volume_io import READ_FORMATS, WRITE_SUFFIXES, load_volume, save_volume
 
-__all__ = ["load_volume", "save_volume", "list_series", "SeriesInfo", "READ_FORMATS", "WRITE_SUFFIXES",
-           "write_dicom_series", "WrittenSeries"]
+__all__ = [
+           "READ_FORMATS",
+           "WRITE_SUFFIXES",
+           "SeriesInfo",
+           "WrittenSeries",
+           "list_series",
+           "load_volume",
+           "save_volume",
+           "write_dicom_series",
+]
