@@ -605,7 +605,8 @@ def _rescale(raw: np.ndarray, frames: Sequence[_Frame]) -> np.ndarray:
         if target is not None:
             if raw.dtype == target:
                 out = raw
-            elif raw.dtype.itemsize == target.itemsize and raw.dtype.kind == "u" and float(raw.max()) <= np.iinfo(target).max:
+            elif (raw.dtype.itemsize == target.itemsize and raw.dtype.kind == "u"
+                  and float(raw.max()) <= float(np.iinfo(target.type).max)):
                 out = raw.view(target)  # same values, reinterpreted in place: no second copy of the volume
             else:
                 out = raw.astype(target)
