@@ -387,10 +387,7 @@ def evaluate_cmd(
     except MedsegError as exc:
         fail(exc)
         return
-    if csv_out is not None:
-        csv_out.write_text(result.to_csv())
-    if as_json:
-        print_json(result.to_json())
+    if _write_csv_or_json(result, csv_out, as_json):
         return
     table = Table("label", "Dice", "IoU", "HD95 mm", "ASSD mm", f"NSD@{nsd_tolerance_mm:g}", "pred mL", "ref mL")
     for r in result.labels:
@@ -400,6 +397,15 @@ def evaluate_cmd(
     for d in result.lesions:
         console.print(f"{d.name}: {d.n_ref} reference / {d.n_pred} predicted lesions, detected {d.tp_ref}, missed "
                       f"{d.fn}, false positive {d.fp}, F1 {d.f1:.3f}", highlight=False)
+
+
+def _write_csv_or_json(result: Any, csv_out: Path | None, as_json: bool) -> bool:
+    """Write ``result.to_csv()`` to ``csv_out`` when given; print its JSON when asked (True: nothing more to print)."""
+    if csv_out is not None:
+        csv_out.write_text(result.to_csv())
+    if as_json:
+        print_json(result.to_json())
+    return as_json
 
 
 @app.command("stats")
@@ -418,10 +424,7 @@ def stats_cmd(
     except MedsegError as exc:
         fail(exc)
         return
-    if csv_out is not None:
-        csv_out.write_text(result.to_csv())
-    if as_json:
-        print_json(result.to_json())
+    if _write_csv_or_json(result, csv_out, as_json):
         return
     unit = result.intensity_unit or "units"
     table = Table("label", "voxels", "mL", "components", f"mean {unit}", f"SD {unit}")
