@@ -60,6 +60,8 @@ CT_BASIC_LABELS = LabelTable(
 )
 
 _BODY, _LUNG_LEFT, _LUNG_RIGHT, _AIRWAY, _BONE = 1, 2, 3, 4, 5
+# Bits of the working grid's region code (one byte per working voxel).
+_BIT_BODY, _BIT_BONE, _BIT_AIRWAY, _BIT_LEFT, _BIT_RIGHT = 0, 1, 2, 3, 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,25 +138,29 @@ def _factors(spacing: Sequence[float], target_mm: float | None) -> tuple[int, in
 
 
 def _block_mean(a: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
+    """Mean of each ``f`` block (float32); the last, partial blocks repeat the array's edge."""
     if f == (1, 1, 1):
         return a.astype(np.float32, copy=False)
     pad = [(0, (-n) % fi) for n, fi in zip(a.shape, f)]
+    n_block = f[0] * f[1] * f[2]
+    if np.issubdtype(a.dtype, np.integer) and not any(p[1] for p in pad):
+        info = np.iinfo(a.dtype.type)
+        if n_block * max(abs(int(info.min)), int(info.max)) < 2**24:
+            # Integers below 2**24 add exactly in float32 in any order, and the division is rounded once, so this
+            # equals the reshape-and-mean below without its float32 copy of the whole input.
+            total = a[:: f[0], :: f[1], :: f[2]].astype(np.float32)
+            for i in range(f[0]):
+                for j in range(f[1]):
+                    for k in range(f[2]):
+                        if i or j or k:
+                            total += a[i :: f[0], j :: f[1], k :: f[2]]
+            total /= np.float32(n_block)
+            return total
     if any(p[1] for p in pad):
         a = np.pad(a, pad, mode="edge")
     s = a.shape
     out = a.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2]).astype(np.float32)
     return out.mean(axis=(1, 3, 5), dtype=np.float32)
-
-
-def _upsample(m: np.ndarray, f: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
-    if f == (1, 1, 1):
-        return m
-    n0, n1, n2 = m.shape
-    big = np.broadcast_to(m[:, None, :, None, :, None], (n0, f[0], n1, f[1], n2, f[2]))
-    big = big.reshape(n0 * f[0], n1 * f[1], n2 * f[2])  # one copy
-    if big.shape != tuple(shape):
-        big = np.ascontiguousarray(big[: shape[0], : shape[1], : shape[2]])
-    return big
 
 
 def _radius_vox(radius_mm: float, spacing: Sequence[float]) -> tuple[int, int, int]:
@@ -187,22 +193,27 @@ def _dilate(m: np.ndarray, r: Sequence[int]) -> np.ndarray:
 
 
 def _fill_holes_in_plane(m: np.ndarray, axial: int) -> np.ndarray:
-    """Fill holes slice by slice across ``axial``: background not 4-connected to the slice's edge becomes True."""
+    """Fill holes slice by slice across ``axial``: background not 4-connected to the slice's edge becomes True.
+
+    Each slice is labelled only inside the bounding box of its True pixels: background on that box's border is
+    connected to the slice's edge through the all-background outside, so the holes are the same.
+    """
     import cc3d
 
     out = np.array(m, dtype=bool, copy=True)
-    for k in range(m.shape[axial]):
-        sl = np.take(out, k, axis=axial)
-        if not sl.any():
-            continue
-        lab = cc3d.connected_components(~sl, connectivity=4)
+    planes = np.moveaxis(out, axial, 0)  # a view: writes go to ``out``
+    for k in np.flatnonzero(planes.any(axis=(1, 2))):
+        sl = planes[k]
+        rows = np.flatnonzero(sl.any(axis=1))
+        cols = np.flatnonzero(sl.any(axis=0))
+        box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        crop = np.ascontiguousarray(sl[box])
+        lab = cc3d.connected_components(~crop, connectivity=4)
         border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
         hole = np.ones(int(lab.max()) + 1, dtype=bool)
         hole[border] = False
         hole[0] = False
-        idx: list[Any] = [slice(None)] * 3
-        idx[axial] = k
-        out[tuple(idx)] = sl | hole[lab]
+        sl[box] = crop | hole[lab]
     return out
 
 
@@ -211,6 +222,60 @@ def _components(m: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]
 
     lab, n = cc3d.connected_components(m, connectivity=connectivity, return_N=True)  # type: ignore[call-overload]
     return np.asarray(lab), int(n)
+
+
+def _bbox(m: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice, slice]:
+    """Bounding box of ``m`` grown by ``margin`` voxels per axis and clipped to the array (all of it if empty).
+
+    With a margin of at least one voxel more than a morphology radius, erosion, dilation, components and in-plane
+    hole filling inside the box equal those on the whole array: the box's border is background wherever it is not
+    the array's edge.
+    """
+    box = []
+    for ax, r in enumerate(margin):
+        hit = np.flatnonzero(m.any(axis=tuple(i for i in range(m.ndim) if i != ax)))
+        if len(hit) == 0:
+            return (slice(None), slice(None), slice(None))
+        box.append(slice(max(0, int(hit[0]) - r), min(m.shape[ax], int(hit[-1]) + 1 + r)))
+    return (box[0], box[1], box[2])
+
+
+def _mean_index(m: np.ndarray, origin: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """Mean voxel index of the True voxels of ``m`` (offset by ``origin``), as ``np.argwhere(m).mean(axis=0)``.
+
+    The index sums are integers (exact in float64), so the result is bitwise that of argwhere-and-mean, without
+    the (N, 3) index array.
+    """
+    n = int(np.count_nonzero(m))
+    per_ij = m.sum(axis=2, dtype=np.int64)
+    counts = (per_ij.sum(axis=1), per_ij.sum(axis=0), m.sum(axis=(0, 1), dtype=np.int64))
+    sums = [int(np.dot(cnt, np.arange(len(cnt), dtype=np.int64))) + int(o) * n for cnt, o in zip(counts, origin)]
+    return np.array(sums, dtype=np.float64) / n
+
+
+def _label_medians(values: np.ndarray, lab: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.median(values, lab, index)``, sorting only the voxels of the labels in ``index``.
+
+    The same lexsort and the same mean of the two middle values as SciPy, so the same numbers.
+    """
+    wanted = np.zeros(int(lab.max()) + 2, dtype=bool)
+    wanted[index] = True
+    sel = wanted[lab]
+    v, lv = values[sel], lab[sel]
+    order = np.lexsort((v, lv))
+    v, lv = v[order], lv[order]
+    locs = np.arange(len(lv))
+    lo = np.zeros(int(lab.max()) + 2, dtype=np.intp)
+    lo[lv[::-1]] = locs[::-1]
+    hi = np.zeros(int(lab.max()) + 2, dtype=np.intp)
+    hi[lv] = locs
+    lo, hi = lo[index], hi[index]
+    step = (hi - lo) // 2
+    lo += step
+    hi -= step
+    if np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_:
+        return (v[lo].astype("d") + v[hi].astype("d")) / 2.0
+    return (v[lo] + v[hi]) / 2.0
 
 
 def _axial_axis(volume: Volume) -> int:
@@ -224,39 +289,58 @@ def _superior_sign(volume: Volume, axial: int) -> int:
 
 def _body(c: np.ndarray, spacing: Sequence[float], axial: int, cfg: CtBasicConfig) -> np.ndarray:
     """The largest tissue component, plus big ones holding fat (arms), slice-wise hole-filled."""
-    m = c > cfg.body_min_hu
+    tissue = c > cfg.body_min_hu
     r = _radius_vox(cfg.body_opening_mm, spacing)
-    m = _dilate(_erode(m, r), r)
+    box = _bbox(tissue, [ri + 1 for ri in r])  # the opening inside the box equals that on the whole grid
+    m = _dilate(_erode(tissue[box], r), r)
     lab, n = _components(m)
+    body = np.zeros(c.shape, dtype=bool)
     if n == 0:
-        return m
-    sizes = np.bincount(lab.ravel())
+        return body
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
     sizes[0] = 0
     largest = int(np.argmax(sizes))
-    fat = np.bincount(lab.ravel(), weights=((c > -150) & (c < -50)).ravel(), minlength=n + 1)
+    cb = c[box]
+    fat = np.bincount((lab * ((cb > -150) & (cb < -50))).ravel(), minlength=n + 1)  # fat[0] is not used
     keep = (sizes >= 0.05 * sizes[largest]) & (fat >= 0.05 * np.maximum(sizes, 1))
     keep[largest] = True
     keep[0] = False
-    return _fill_holes_in_plane(keep[lab], axial)
+    body[box] = _fill_holes_in_plane(keep[lab], axial)
+    return body
 
 
 def _airway(
     c: np.ndarray, body: np.ndarray, low: np.ndarray, spacing: Sequence[float], axial: int, sup: int,
-    voxel_ml: float, cfg: CtBasicConfig,
+    voxel_ml: float, cfg: CtBasicConfig, *, box: tuple[slice, slice, slice] | None = None,
+    full_shape: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Trachea and main bronchi: seed a round air tube in the top lung slices, grow with leakage control.
 
-    Returns the airway mask and the HU threshold it was grown with.
+    ``c``, ``body`` and ``low`` may be the ``box`` of arrays of ``full_shape`` (the body's bounding box): the
+    seed is looked for on whole slices (the same centres of mass as without the box) and grown inside the box.
+    Returns the airway mask (on the arrays given) and the HU threshold it was grown with.
     """
     import scipy.ndimage as ndi
 
+    if box is None or full_shape is None:
+        box, full_shape = (slice(None), slice(None), slice(None)), c.shape
+    origin = [sl.indices(n)[0] for sl, n in zip(box, full_shape)]
+    plane_axes = [ax for ax in range(3) if ax != axial]
+    plane_shape = tuple(full_shape[ax] for ax in plane_axes)
+    plane_box = tuple(box[ax] for ax in plane_axes)
+
+    def whole_slice(plane: np.ndarray) -> np.ndarray:
+        sl = np.zeros(plane_shape, dtype=bool)
+        sl[plane_box] = plane
+        return sl
+
     empty = np.zeros_like(body)
-    air = (c < cfg.airway_seed_max_hu) & body
-    n_slices = c.shape[axial]
+    n_slices = full_shape[axial]
     order = range(n_slices - 1, -1, -1) if sup > 0 else range(n_slices)
     in_plane = [s for ax, s in enumerate(spacing) if ax != axial]
     px_mm2 = float(in_plane[0] * in_plane[1])
-    has_low = np.asarray(np.moveaxis(low, axial, -1).reshape(-1, n_slices).any(axis=0))
+    has_low = np.zeros(n_slices, dtype=bool)
+    has_low[box[axial]] = low.any(axis=tuple(plane_axes))
     seed: tuple[int, ...] | None = None
     checked = 0
     for k in order:
@@ -265,8 +349,10 @@ def _airway(
         checked += 1
         if checked > max(3, round(40.0 / spacing[axial])):  # look in the top 4 cm of the lungs only
             break
-        sl = np.take(air, k, axis=axial)
-        body_sl = np.take(body, k, axis=axial)
+        at_k: list[Any] = [slice(None)] * 3
+        at_k[axial] = k - origin[axial]
+        body_sl = whole_slice(body[tuple(at_k)])
+        sl = whole_slice(c[tuple(at_k)] < cfg.airway_seed_max_hu) & body_sl
         if not body_sl.any():
             continue
         lab, n = ndi.label(sl)
@@ -292,7 +378,7 @@ def _airway(
             pos = np.argwhere(lab == best[1])[0]
             full = list(pos)
             full.insert(axial, k)
-            seed = tuple(int(v) for v in full)
+            seed = tuple(int(v) - o for v, o in zip(full, origin))
             break
     if seed is None:
         return empty, cfg.airway_seed_max_hu
@@ -347,6 +433,100 @@ def _split_two(m: np.ndarray, spacing: Sequence[float], min_vox: int) -> np.ndar
     return lab
 
 
+def _code_labels() -> np.ndarray:
+    """Label of each region code: airway, then left lung, then right lung win over bone in the body, over body."""
+    lut = np.zeros(32, dtype=np.uint8)
+    for code in range(32):
+        body, bone, airway, left, right = ((code >> b) & 1 for b in range(5))
+        lut[code] = (
+            _AIRWAY if airway else _LUNG_LEFT if left else _LUNG_RIGHT if right
+            else _BONE if bone and body else _BODY if body else 0
+        )
+    return lut
+
+
+def _box_and_or(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bitwise AND and OR of each voxel's 3×3×3 neighbourhood (edges copied).
+
+    Bit by bit these are the erosion and the dilation by a one-voxel box, as :func:`_erode` and :func:`_dilate`
+    with ``(1, 1, 1)`` give them.
+    """
+    both = []
+    for op in (np.bitwise_and, np.bitwise_or):
+        acc = code.copy()
+        for ax in range(code.ndim):
+            if code.shape[ax] < 2:
+                continue
+            src = acc.copy()
+            head = [slice(None)] * code.ndim
+            tail = [slice(None)] * code.ndim
+            head[ax], tail[ax] = slice(1, None), slice(None, -1)
+            op(acc[tuple(head)], src[tuple(tail)], out=acc[tuple(head)])
+            op(acc[tuple(tail)], src[tuple(head)], out=acc[tuple(tail)])
+        both.append(acc)
+    return both[0], both[1]
+
+
+def _to_input_grid(
+    code: np.ndarray, a: np.ndarray, f: tuple[int, int, int], shape: tuple[int, int, int], *,
+    body_min_hu: float, bone_min_hu: float, airway_max_hu: float, lung_max_hu: float,
+) -> np.ndarray:
+    """Labels on the input grid from the working grid's region code, boundaries re-thresholded on the input HU.
+
+    A region covers the input voxels of its eroded (by one working voxel) blocks as they are, and, within its
+    dilated blocks, the input voxels on its side of its threshold (lungs and airway only inside the body). Where a
+    block's whole 3×3×3 neighbourhood has one code, its eroded and dilated regions agree and the block takes the
+    code's label without looking at the input; only the other blocks (the boundary band) are re-thresholded,
+    voxel by voxel.
+    """
+    lut = _code_labels()
+    if f == (1, 1, 1):
+        return lut[code]
+    and_, or_ = _box_and_or(code)
+    band = and_ != or_
+    n0, n1, n2 = code.shape
+    padded = np.empty((n0 * f[0], n1 * f[1], n2 * f[2]), dtype=np.uint8)
+    padded.reshape(n0, f[0], n1, f[1], n2, f[2])[...] = lut[code][:, None, :, None, :, None]
+    if not band.any():
+        return _crop_to(padded, shape)
+    # The input as (block i, block j, block k, i in block, j in block, k in block), a view when the blocks tile it.
+    if any(n % fi for n, fi in zip(shape, f)):
+        a = np.pad(a, [(0, (-n) % fi) for n, fi in zip(shape, f)], mode="edge")
+    st = a.strides
+    blocks = np.lib.stride_tricks.as_strided(
+        a, shape=(n0, n1, n2, *f), strides=(st[0] * f[0], st[1] * f[1], st[2] * f[2], *st), writeable=False
+    )
+    where = np.nonzero(band)
+    hu = blocks[where].reshape(len(where[0]), -1)  # (band blocks, voxels per block)
+    inner, outer = and_[where][:, None], or_[where][:, None]
+
+    def has(bits: np.ndarray, bit: int) -> np.ndarray:
+        return (bits & np.uint8(1 << bit)) != 0
+
+    body = has(inner, _BIT_BODY) | (has(outer, _BIT_BODY) & (hu > body_min_hu))
+    bone = has(inner, _BIT_BONE) | (has(outer, _BIT_BONE) & (hu > bone_min_hu))
+    lab = np.where(body, np.where(bone, np.uint8(_BONE), np.uint8(_BODY)), np.uint8(0))
+    taken = np.zeros(hu.shape, dtype=bool)
+    for bit, value, max_hu in (
+        (_BIT_AIRWAY, _AIRWAY, airway_max_hu), (_BIT_LEFT, _LUNG_LEFT, lung_max_hu),
+        (_BIT_RIGHT, _LUNG_RIGHT, lung_max_hu),
+    ):
+        if not has(outer, bit).any():
+            continue
+        fine = (has(inner, bit) | (has(outer, bit) & (hu < max_hu) & body)) & ~taken
+        lab[fine] = value
+        taken |= fine
+    padded.reshape(n0, f[0], n1, f[1], n2, f[2]).transpose(0, 2, 4, 1, 3, 5)[where] = lab.reshape(-1, *f)
+    return _crop_to(padded, shape)
+
+
+def _crop_to(padded: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``padded`` cut to ``shape`` from its start, contiguous."""
+    if padded.shape == tuple(shape):
+        return padded
+    return np.ascontiguousarray(padded[: shape[0], : shape[1], : shape[2]])
+
+
 def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
     """Body, left/right lung, airway and bone of a CT from HU rules, morphology and connected components.
 
@@ -370,8 +550,6 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
     NotVolumetricError
         If the volume is a single slice.
     """
-    import scipy.ndimage as ndi
-
     cfg = config or CtBasicConfig()
     _check_ct(volume, "ct-basic")
     a = volume.array
@@ -381,10 +559,17 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
     voxel_ml = volume.voxel_volume_ml * f[0] * f[1] * f[2]
     axial = _axial_axis(volume)
     sup = _superior_sign(volume, axial)
-    c = _block_mean(a, f)
-    log.debug("ct-basic: working grid %s (block %s) from %s", c.shape, f, shape)
+    c_full = _block_mean(a, f)
+    log.debug("ct-basic: working grid %s (block %s) from %s", c_full.shape, f, shape)
 
-    body = _body(c, spacing, axial, cfg)
+    body_full = _body(c_full, spacing, axial, cfg)
+    # Everything else lies in the body: work in its bounding box, with a margin of background one voxel wider than
+    # any morphology radius below, so that the results equal those on the whole working grid.
+    r_bone = _radius_vox(cfg.bone_closing_mm, spacing)
+    box = _bbox(body_full, [max(2, ri + 1) for ri in r_bone])
+    origin = [sl.indices(n)[0] for sl, n in zip(box, c_full.shape)]
+    c = c_full[box]
+    body = body_full[box]
 
     # Low density inside the body: lungs, airway, bowel gas.
     low = (c < cfg.lung_max_hu) & body
@@ -394,12 +579,12 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
         sizes = np.bincount(low_lab.ravel(), minlength=n_low + 1)
         cand = np.flatnonzero(sizes[1:] * voxel_ml >= cfg.lung_min_ml) + 1
         if len(cand):
-            med = ndi.median(c, low_lab, cand)
+            med = _label_medians(c, low_lab, cand)
             keep[cand[np.asarray(med) > cfg.lung_min_median_hu]] = True
     lungish = keep[low_lab]
 
     airway, airway_hu = (
-        _airway(c, body, lungish, spacing, axial, sup, voxel_ml, cfg)
+        _airway(c, body, lungish, spacing, axial, sup, voxel_ml, cfg, box=box, full_shape=c_full.shape)
         if lungish.any()
         else (np.zeros_like(body), cfg.airway_seed_max_hu)
     )
@@ -415,13 +600,13 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
         coarse_affine = volume.affine.copy()
         coarse_affine[:3, :3] = volume.affine[:3, :3] * np.asarray(f)
         coarse_affine[:3, 3] = volume.world_mm((np.asarray(f) - 1) / 2.0)
-        body_x = float(coarse_affine[0, :3] @ np.argwhere(body).mean(axis=0) + coarse_affine[0, 3])
+        body_x = float(coarse_affine[0, :3] @ _mean_index(body, origin) + coarse_affine[0, 3])
         sizes = np.bincount(lung_lab.ravel())
         for comp_value in np.flatnonzero(sizes >= min_vox):
             if comp_value == 0:
                 continue
             comp = lung_lab == comp_value
-            x = float(coarse_affine[0, :3] @ np.argwhere(comp).mean(axis=0) + coarse_affine[0, 3])
+            x = float(coarse_affine[0, :3] @ _mean_index(comp, origin) + coarse_affine[0, 3])
             if x < body_x:
                 lung_left |= comp
             else:
@@ -437,39 +622,17 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
         ok = bsizes * voxel_ml >= cfg.bone_min_ml
         ok[0] = False
         bone = ok[bone_lab]
-        r = _radius_vox(cfg.bone_closing_mm, spacing)
-        bone = _fill_holes_in_plane(_erode(_dilate(bone, r), r), axial)
+        bone = _fill_holes_in_plane(_erode(_dilate(bone, r_bone), r_bone), axial)
     else:
         bone = np.zeros_like(body)
 
-    # Back to the input grid: coarse regions, boundaries re-thresholded on the input voxels.
-    out = np.zeros(shape, dtype=np.uint8)
-    if f == (1, 1, 1):
-        body_f = body
-        bone_f = bone
-    else:
-        inner = _erode(body, (1, 1, 1))
-        outer = _dilate(body, (1, 1, 1))
-        body_f = _upsample(inner, f, shape) | (_upsample(outer, f, shape) & (a > cfg.body_min_hu))
-        bone_inner = _erode(bone, (1, 1, 1))
-        bone_outer = _dilate(bone, (1, 1, 1))
-        bone_f = _upsample(bone_inner, f, shape) | (_upsample(bone_outer, f, shape) & (a > cfg.bone_min_hu))
-    out[body_f] = _BODY
-    out[bone_f & body_f] = _BONE
-    lung_or_airway = np.zeros(shape, dtype=bool)
-    for mask, value, max_hu in (
-        (airway, _AIRWAY, airway_hu), (lung_left, _LUNG_LEFT, cfg.lung_max_hu), (lung_right, _LUNG_RIGHT, cfg.lung_max_hu)
-    ):
-        if not mask.any():
-            continue
-        if f == (1, 1, 1):
-            fine = mask & ~lung_or_airway
-        else:
-            # Inside the eroded coarse region as is; the one-block band around it by the input voxels' HU.
-            band = _upsample(_dilate(mask, (1, 1, 1)), f, shape) & (a < max_hu) & body_f
-            fine = (_upsample(_erode(mask, (1, 1, 1)), f, shape) | band) & ~lung_or_airway
-        out[fine] = value
-        lung_or_airway |= fine
+    # One byte per working voxel: which of the five regions hold it.
+    code = body_full.view(np.uint8).copy()
+    inner = code[box]
+    for bit, mask in ((_BIT_BONE, bone), (_BIT_AIRWAY, airway), (_BIT_LEFT, lung_left), (_BIT_RIGHT, lung_right)):
+        inner |= mask.view(np.uint8) << np.uint8(bit)
+    out = _to_input_grid(code, a, f, shape, body_min_hu=cfg.body_min_hu, bone_min_hu=cfg.bone_min_hu,
+                         airway_max_hu=airway_hu, lung_max_hu=cfg.lung_max_hu)
     return volume.with_array(out, labels=CT_BASIC_LABELS, modality=volume.modality)
 
 

@@ -478,3 +478,106 @@ def test_ct_basic_on_the_abdominal_phantom(orientation):
     assert (out.array[organs] > 0).mean() > 0.99  # every organ inside the body
     assert not np.isin(out.array[organs], [LUNG_L, LUNG_R, AIRWAY]).any()
     assert (out.array == BONE).sum() * ph.image.voxel_volume_ml > 5  # the spine and ribs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ct-basic's fast paths against the plain rules they replace (small random arrays, odd shapes, edges)
+# ---------------------------------------------------------------------------------------------------------------
+def _blocks_up(m: np.ndarray, f: tuple[int, int, int], shape: tuple[int, ...]) -> np.ndarray:
+    big = m.repeat(f[0], axis=0).repeat(f[1], axis=1).repeat(f[2], axis=2)
+    return big[: shape[0], : shape[1], : shape[2]]
+
+
+@pytest.mark.parametrize(("shape", "f", "layout"), [
+    ((13, 10, 7), (2, 3, 1), "C"),   # partial blocks along i and j
+    ((12, 8, 6), (2, 2, 2), "F"),    # Fortran order, as NIfTI data is kept
+    ((9, 12, 10), (3, 2, 2), "flipped"),
+])
+def test_input_grid_labels_equal_the_blockwise_refinement(shape, f, layout):
+    """Only boundary blocks are re-thresholded; the result must equal refining every block of every region."""
+    from medseg.classical import _dilate, _erode, _to_input_grid
+
+    rng = np.random.default_rng(sum(shape))
+    coarse = tuple(-(-n // fi) for n, fi in zip(shape, f))
+    # Patches of one code each (body alone, body and bone, a lung or the airway in the body, ...) and bare bits.
+    codes = np.array([0, 1, 3, 5, 9, 17, 19, 17, 25, 13, 29, 2, 4, 8, 16], dtype=np.uint8)
+    code = _blocks_up(rng.choice(codes, (5, 5, 5)), (2, 2, 2), coarse)
+    hu = rng.integers(-1100, 500, shape).astype(np.int16)
+    if layout == "F":
+        hu = np.asfortranarray(hu)
+    elif layout == "flipped":
+        hu = hu[::-1, :, ::-1]
+    limits = {"body_min_hu": -500.0, "bone_min_hu": 200.0, "airway_max_hu": -925.0, "lung_max_hu": -400.0}
+    out = _to_input_grid(code, hu, f, shape, **limits)
+
+    def refined(bit: int, rule: np.ndarray) -> np.ndarray:
+        m = (code >> bit) & 1 != 0
+        return _blocks_up(_erode(m, (1, 1, 1)), f, shape) | (_blocks_up(_dilate(m, (1, 1, 1)), f, shape) & rule)
+
+    body = refined(0, hu > limits["body_min_hu"])
+    bone = refined(1, hu > limits["bone_min_hu"])
+    expected = np.where(body, np.where(bone, BONE, BODY), 0).astype(np.uint8)
+    taken = np.zeros(shape, dtype=bool)
+    for bit, value, max_hu in ((2, AIRWAY, limits["airway_max_hu"]), (3, LUNG_L, limits["lung_max_hu"]),
+                               (4, LUNG_R, limits["lung_max_hu"])):
+        fine = refined(bit, (hu < max_hu) & body) & ~taken
+        expected[fine] = value
+        taken |= fine
+    assert out.shape == shape and out.dtype == np.uint8 and out.flags.c_contiguous
+    assert len(np.unique(expected)) == 6  # every label occurs
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("axial", [0, 1, 2])
+def test_fill_holes_in_plane_equals_scipy_slice_by_slice(axial):
+    import scipy.ndimage as ndi
+
+    from medseg.classical import _fill_holes_in_plane
+
+    rng = np.random.default_rng(axial)
+    m = rng.random((11, 9, 8)) < 0.55  # many holes, many pixels on the slice edges
+    m[:, :, 0] = False  # an empty slice whichever the axis
+    expected = np.stack([ndi.binary_fill_holes(np.take(m, k, axis=axial), ndi.generate_binary_structure(2, 1))
+                         for k in range(m.shape[axial])], axis=axial)
+    np.testing.assert_array_equal(_fill_holes_in_plane(m, axial), expected)
+
+
+def test_work_in_the_bounding_box_equals_the_whole_array_at_the_volume_edge():
+    """A mask cut by the volume's edge on one side: closing and in-plane hole filling inside its grown bounding
+    box give what they give on the whole array."""
+    from medseg.classical import _bbox, _dilate, _erode, _fill_holes_in_plane
+
+    rng = np.random.default_rng(1)
+    m = np.zeros((30, 26, 14), dtype=bool)
+    m[0:12, 5:20, 3:11] = rng.random((12, 15, 8)) < 0.7  # touches i = 0 only
+    r = (2, 1, 1)
+    box = _bbox(m, [ri + 1 for ri in r])
+    assert box[0].start == 0 and box[1].start > 0 and box[2].stop < m.shape[2]
+    whole = _fill_holes_in_plane(_erode(_dilate(m, r), r), 2)
+    part = np.zeros_like(m)
+    part[box] = _fill_holes_in_plane(_erode(_dilate(m[box], r), r), 2)
+    np.testing.assert_array_equal(part, whole)
+    assert _bbox(np.zeros((3, 4, 5), dtype=bool), (1, 1, 1)) == (slice(None),) * 3
+
+
+def test_ct_basic_statistics_helpers_equal_numpy_and_scipy():
+    import cc3d
+    import scipy.ndimage as ndi
+
+    from medseg.classical import _block_mean, _label_medians, _mean_index
+
+    rng = np.random.default_rng(2)
+    values = rng.normal(0, 300, (20, 17, 9)).astype(np.float32)
+    lab = cc3d.connected_components(rng.random(values.shape) < 0.3, connectivity=6)
+    assert lab.max() > 10
+    sizes = np.bincount(lab.ravel())
+    index = np.array([1, int(np.argmax(sizes[1:])) + 1, int(lab.max())])  # odd and even counts among them
+    assert len(set(sizes[index] % 2)) == 2
+    np.testing.assert_array_equal(_label_medians(values, lab, index), ndi.median(values, lab, index))
+    m = lab == index[1]
+    whole = np.zeros((25, 17, 30), dtype=bool)  # m is the box [3:23, 0:17, 7:16] of it
+    whole[3:23, :, 7:16] = m
+    np.testing.assert_array_equal(_mean_index(m, (3, 0, 7)), np.argwhere(whole).mean(axis=0))
+    # Integer HU take the exact float32 sum; the result equals the mean of the float32 blocks.
+    hu = rng.integers(-32768, 32767, (8, 6, 9), dtype=np.int16)
+    np.testing.assert_array_equal(_block_mean(hu, (2, 3, 3)), _block_mean(hu.astype(np.float32), (2, 3, 3)))
