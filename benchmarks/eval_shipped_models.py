@@ -16,6 +16,7 @@ Usage::
     python benchmarks/eval_shipped_models.py                # table
     python benchmarks/eval_shipped_models.py --json out.json
     python benchmarks/eval_shipped_models.py --record       # also write the table into the shipped card
+    python benchmarks/eval_shipped_models.py --components-on-validation   # lesion sizes on validation phantoms
 """
 
 from __future__ import annotations
@@ -116,6 +117,31 @@ def evaluate_model(model: str = MODEL, *, device: str = "cpu", seeds: tuple[int,
     return summary
 
 
+def validation_components(model: str = MODEL, *, device: str = "cpu") -> list[dict[str, Any]]:
+    """Lesion components predicted without post-processing on the validation phantoms recorded in the card
+    (never the held-out seeds): how big the detected ones and the false positives are. This is what a per-label
+    minimum component size (``postprocessing.min_component_ml_by_label``) is chosen from."""
+    from medseg.inference import Segmenter
+    from medseg.metrics import evaluate
+    from medseg.train import PhantomSource, _source, phantom_cases
+
+    seg = Segmenter(model, device=device, postprocess=False)
+    described = seg.card.provenance.get("validation_data")
+    source = _source(seg.card.name, described, "provenance.validation_data", Path.cwd()) if described else None
+    if not isinstance(source, PhantomSource):
+        raise SystemExit(f"{seg.card.name}: the card records no validation phantoms")
+    rows = []
+    for case in phantom_cases(source):
+        ph = case.make()
+        for det in evaluate(seg.segment(ph.image).labels, ph.labels).lesions:
+            for m in det.lesions:
+                rows.append({"seed": case.seed, "label": det.name, "status": m.status,
+                             "ref_ml": round(m.ref_ml, 3), "pred_ml": round(m.pred_ml, 3), "dice": round(m.dice, 3)})
+                print(f"  seed {case.seed} {det.name:<14} {m.status:<15} reference {m.ref_ml:7.2f} mL  "
+                      f"predicted {m.pred_ml:7.2f} mL  Dice {m.dice:.2f}", flush=True)
+    return rows
+
+
 def print_table(s: dict[str, Any]) -> None:
     print(f"\n{s['model']}: {len(s['cases'])} held-out phantoms (seeds {s['seeds'][0]}–{s['seeds'][-1]})")
     print(f"{'label':<16}{'mean Dice':>10}{'min':>8}{'cases':>7}{'target':>8}  met")
@@ -164,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"first of the ten held-out seeds (default {EVAL_SEEDS[0]}; another set for a fresh check)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON")
     p.add_argument("--record", action="store_true", help="write the summary into the shipped card's provenance")
+    p.add_argument("--components-on-validation", action="store_true",
+                   help="instead: list predicted lesion components (no post-processing) on the card's validation "
+                        "phantoms, to choose per-label minimum component sizes")
     a = p.parse_args(argv)
+    if a.components_on_validation:
+        validation_components(a.model, device=a.device)
+        return 0
     s = evaluate_model(a.model, device=a.device, seeds=tuple(range(a.first_seed, a.first_seed + 10)))
     print_table(s)
     if a.json:

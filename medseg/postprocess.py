@@ -105,12 +105,12 @@ def postprocess_labels(
     largest = largest_organ_component if largest_organ_component is not None else bool(spec and spec.largest_component)
     min_ml = min_component_ml if min_component_ml is not None else (spec.min_component_ml if spec else 0.0)
     do_fill = fill if fill is not None else bool(spec and spec.fill_holes)
-    if not (largest or min_ml > 0 or do_fill):
+    by_label = dict(spec.min_component_ml_by_label) if spec and min_component_ml is None else {}
+    if not (largest or min_ml > 0 or do_fill or any(v > 0 for v in by_label.values())):
         return labels
     if labels.labels is None:
         raise LabelTableError("Post-processing needs a label table (which labels are organs); the volume has none.")
     arr = np.array(labels.array, copy=True)
-    min_voxels = math.ceil(min_ml / labels.voxel_volume_ml) if min_ml > 0 else 0
     present = set(np.unique(arr).tolist()) - {0}
     for value, label in labels.labels.items():
         if value not in present:
@@ -121,6 +121,8 @@ def postprocess_labels(
         sub = arr[box]
         mask = sub == value
         keep = mask
+        label_ml = by_label.get(label.name, min_ml)
+        min_voxels = math.ceil(label_ml / labels.voxel_volume_ml) if label_ml > 0 else 0
         if min_voxels > 1:
             keep = remove_small_components(keep, min_voxels)
         if largest and label.kind == "organ":

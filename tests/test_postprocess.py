@@ -70,3 +70,33 @@ def test_minimum_size_is_in_ml_on_anisotropic_grids() -> None:
 def test_postprocess_needs_a_label_table() -> None:
     with pytest.raises(LabelTableError, match="needs a label table"):
         postprocess_labels(Volume(scene(), np.eye(4)), fill=True)
+
+
+def test_minimum_size_per_label_overrides_the_card_wide_one() -> None:
+    vol = Volume(scene(), np.diag([1.0, 1.0, 1.0, 1.0]), labels=TABLE)
+    # Tumours below 0.03 mL go (both 27-voxel tumours and the speck); the 8-voxel liver island stays (0.002 mL).
+    spec = PostprocessSpec(min_component_ml=0.002, min_component_ml_by_label={"tumour": 0.03})
+    a = postprocess_labels(vol, spec).array
+    assert not (a == 2).any()
+    assert (a[15:17, 13:15, 1:3] == 1).all()
+    # The per-label limit alone is enough to run; an explicit min_component_ml argument overrides every label.
+    only = postprocess_labels(vol, PostprocessSpec(min_component_ml_by_label={"tumour": 0.002})).array
+    assert only[0, 15, 11] == 0 and (only[16:19, 2:5, 8:11] == 2).all()
+    assert (postprocess_labels(vol, spec, min_component_ml=0.0).array == vol.array).all()
+
+
+def test_card_names_labels_of_the_per_label_minimum() -> None:
+    from medseg.errors import ModelCardError
+    from medseg.models.cards import parse_card
+
+    def card(by_label):
+        return parse_card({"name": "m", "network": {"name": "UNet", "kwargs": {"out_channels": 3}},
+                           "labels": [{"value": 1, "name": "liver"}, {"value": 2, "name": "tumour", "kind": "lesion"}],
+                           "postprocessing": {"min_component_ml": 0.2, "min_component_ml_by_label": by_label}})
+
+    assert card({"tumour": 0.5}).postprocessing.min_component_ml_by_label == {"tumour": 0.5}
+    assert card({"tumour": 0.5}).summary()["postprocessing"]["min_component_ml_by_label"] == {"tumour": 0.5}
+    with pytest.raises(ModelCardError, match="tumor.*did you mean 'tumour'"):
+        card({"tumor": 0.5})
+    with pytest.raises(ModelCardError, match=r"min_component_ml_by_label\.tumour"):
+        card({"tumour": -1})

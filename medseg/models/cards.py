@@ -124,11 +124,12 @@ class WindowSpec:
 @dataclass(frozen=True)
 class PostprocessSpec:
     """Label clean-up after inference: keep the largest component of organ labels, drop components smaller
-    than ``min_component_ml`` (mL), fill holes."""
+    than ``min_component_ml`` (mL; ``min_component_ml_by_label`` overrides it per label name), fill holes."""
 
     largest_component: bool = False
     min_component_ml: float = 0.0
     fill_holes: bool = False
+    min_component_ml_by_label: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,8 @@ class ModelCard:
                 "blending": self.inference.blending,
                 "sw_batch_size": self.inference.sw_batch_size,
             },
-            "postprocessing": vars(self.postprocessing).copy(),
+            "postprocessing": {**vars(self.postprocessing),
+                               "min_component_ml_by_label": dict(self.postprocessing.min_component_ml_by_label)},
             "weights": None if self.weights is None else {"file": str(self.weights.path), "sha256": self.weights.sha256},
             "provenance": dict(self.provenance),
         }
@@ -414,11 +416,15 @@ def parse_card(data: Any, *, source: str | Path = "model card", base_dir: Path |
         sw_batch_size=int(r.number(inf, "sw_batch_size", "inference.", 1, lo=1)),
     )
     post = r.mapping(top.get("postprocessing"), "postprocessing", {"largest_component", "min_component_ml",
-                                                                   "fill_holes"})
+                                                                   "fill_holes", "min_component_ml_by_label"})
+    by_label = r.mapping(post.get("min_component_ml_by_label"), "postprocessing.min_component_ml_by_label",
+                         None if labels is None else set(labels.names.values()))
     postprocessing = PostprocessSpec(
         largest_component=r.boolean(post, "largest_component", "postprocessing.", False),
         min_component_ml=r.number(post, "min_component_ml", "postprocessing.", 0.0, lo=0.0),
         fill_holes=r.boolean(post, "fill_holes", "postprocessing.", False),
+        min_component_ml_by_label={str(k): r.number(by_label, k, "postprocessing.min_component_ml_by_label.", 0.0,
+                                                     lo=0.0) for k in by_label},
     )
     weights: WeightsSpec | None = None
     if top.get("weights") is not None:
