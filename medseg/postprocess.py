@@ -83,7 +83,8 @@ def postprocess_labels(
     """Apply the card's post-processing to a label volume.
 
     For every label: drop connected components smaller than ``min_component_ml`` (mL, from the grid's voxel
-    volume); for labels of kind ``organ`` keep only the largest component; fill enclosed holes with the label,
+    volume; the spec's ``min_component_ml_by_label`` overrides it per label name, and an explicit
+    ``min_component_ml`` argument applies to every label); for labels of kind ``organ`` keep only the largest component; fill enclosed holes with the label,
     but only where the hole is background (another label inside, e.g. a tumour in an organ, is kept).
 
     Parameters
