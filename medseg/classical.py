@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medseg._masks import bounding_box
 from medseg.errors import ModalityMismatchError, RegionError
 from medseg.labels import Label, LabelTable
 from medseg.volume import Volume
@@ -62,6 +63,7 @@ CT_BASIC_LABELS = LabelTable(
 _BODY, _LUNG_LEFT, _LUNG_RIGHT, _AIRWAY, _BONE = 1, 2, 3, 4, 5
 # Bits of the working grid's region code (one byte per working voxel).
 _BIT_BODY, _BIT_BONE, _BIT_AIRWAY, _BIT_LEFT, _BIT_RIGHT = 0, 1, 2, 3, 4
+_WHOLE = (slice(None), slice(None), slice(None))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,9 +206,8 @@ def _fill_holes_in_plane(m: np.ndarray, axial: int) -> np.ndarray:
     planes = np.moveaxis(out, axial, 0)  # a view: writes go to ``out``
     for k in np.flatnonzero(planes.any(axis=(1, 2))):
         sl = planes[k]
-        rows = np.flatnonzero(sl.any(axis=1))
-        cols = np.flatnonzero(sl.any(axis=0))
-        box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+        box = bounding_box(sl)
+        assert box is not None  # the plane holds a True pixel
         crop = np.ascontiguousarray(sl[box])
         lab = cc3d.connected_components(~crop, connectivity=4)
         border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
@@ -222,22 +223,6 @@ def _components(m: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]
 
     lab, n = cc3d.connected_components(m, connectivity=connectivity, return_N=True)  # type: ignore[call-overload]
     return np.asarray(lab), int(n)
-
-
-def _bbox(m: np.ndarray, margin: Sequence[int]) -> tuple[slice, slice, slice]:
-    """Bounding box of ``m`` grown by ``margin`` voxels per axis and clipped to the array (all of it if empty).
-
-    With a margin of at least one voxel more than a morphology radius, erosion, dilation, components and in-plane
-    hole filling inside the box equal those on the whole array: the box's border is background wherever it is not
-    the array's edge.
-    """
-    box = []
-    for ax, r in enumerate(margin):
-        hit = np.flatnonzero(m.any(axis=tuple(i for i in range(m.ndim) if i != ax)))
-        if len(hit) == 0:
-            return (slice(None), slice(None), slice(None))
-        box.append(slice(max(0, int(hit[0]) - r), min(m.shape[ax], int(hit[-1]) + 1 + r)))
-    return (box[0], box[1], box[2])
 
 
 def _mean_index(m: np.ndarray, origin: Sequence[int] = (0, 0, 0)) -> np.ndarray:
@@ -291,7 +276,9 @@ def _body(c: np.ndarray, spacing: Sequence[float], axial: int, cfg: CtBasicConfi
     """The largest tissue component, plus big ones holding fat (arms), slice-wise hole-filled."""
     tissue = c > cfg.body_min_hu
     r = _radius_vox(cfg.body_opening_mm, spacing)
-    box = _bbox(tissue, [ri + 1 for ri in r])  # the opening inside the box equals that on the whole grid
+    # With a margin one voxel wider than a morphology radius, erosion, dilation, components and in-plane hole filling
+    # inside the box equal those on the whole grid: the box's border is background wherever it is not the edge.
+    box = bounding_box(tissue, [ri + 1 for ri in r]) or _WHOLE
     m = _dilate(_erode(tissue[box], r), r)
     lab, n = _components(m)
     body = np.zeros(c.shape, dtype=bool)
@@ -311,7 +298,7 @@ def _body(c: np.ndarray, spacing: Sequence[float], axial: int, cfg: CtBasicConfi
 
 def _airway(
     c: np.ndarray, body: np.ndarray, low: np.ndarray, spacing: Sequence[float], axial: int, sup: int,
-    voxel_ml: float, cfg: CtBasicConfig, *, box: tuple[slice, slice, slice] | None = None,
+    voxel_ml: float, cfg: CtBasicConfig, *, box: tuple[slice, ...] | None = None,
     full_shape: tuple[int, ...] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Trachea and main bronchi: seed a round air tube in the top lung slices, grow with leakage control.
@@ -323,7 +310,7 @@ def _airway(
     import scipy.ndimage as ndi
 
     if box is None or full_shape is None:
-        box, full_shape = (slice(None), slice(None), slice(None)), c.shape
+        box, full_shape = _WHOLE, c.shape
     origin = [sl.indices(n)[0] for sl, n in zip(box, full_shape)]
     plane_axes = [ax for ax in range(3) if ax != axial]
     plane_shape = tuple(full_shape[ax] for ax in plane_axes)
@@ -566,7 +553,7 @@ def ct_basic(volume: Volume, *, config: CtBasicConfig | None = None) -> Volume:
     # Everything else lies in the body: work in its bounding box, with a margin of background one voxel wider than
     # any morphology radius below, so that the results equal those on the whole working grid.
     r_bone = _radius_vox(cfg.bone_closing_mm, spacing)
-    box = _bbox(body_full, [max(2, ri + 1) for ri in r_bone])
+    box = bounding_box(body_full, [max(2, ri + 1) for ri in r_bone]) or _WHOLE
     origin = [sl.indices(n)[0] for sl, n in zip(box, c_full.shape)]
     c = c_full[box]
     body = body_full[box]

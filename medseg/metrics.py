@@ -38,6 +38,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from medseg._masks import bounding_box
 from medseg.errors import GridMismatchError, LabelTableError
 from medseg.labels import LabelTable, find_row
 from medseg.volume import Volume
@@ -282,20 +283,10 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, *, affine: np.ndarray |
     if pred.shape != ref.shape or pred.ndim != 3:
         raise ValueError(f"Masks must be 3D and of one shape, got {pred.shape} and {ref.shape}.")
     linear = np.eye(3) if affine is None else np.asarray(affine, dtype=np.float64)[:3, :3]
-    union = pred | ref
-    if not union.any():
+    box = bounding_box(pred | ref)
+    if box is None:
         return None
-    box = _bbox_of(union)
     return _surface_distances_padded(_padded(pred, box, 1), _padded(ref, box, 1), linear)
-
-
-def _bbox_of(mask: np.ndarray) -> tuple[slice, ...]:
-    out = []
-    for ax in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != ax)
-        idx = np.flatnonzero(mask.any(axis=other))
-        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(out)
 
 
 # ---- results ---------------------------------------------------------------------------------------------------
@@ -706,10 +697,9 @@ def lesion_detection(
 
     affine = np.asarray(affine, dtype=np.float64)
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
-    union = pred_mask | ref_mask
-    if not union.any():
+    box = bounding_box(pred_mask | ref_mask)
+    if box is None:
         return LesionDetection(value, name, 0, 0, 0, 0, 0, 0, 0, 0, 1.0, 1.0, 1.0, 0.0, ())
-    box = _bbox_of(union)
     offset = np.array([s.start for s in box], dtype=np.float64)
     ref_cc, n_ref = cc3d.connected_components(
         np.ascontiguousarray(ref_mask[box]), connectivity=LESION_CONNECTIVITY, return_N=True

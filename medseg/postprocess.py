@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from medseg._masks import bounding_box
 from medseg.errors import LabelTableError
 from medseg.volume import Volume
 
@@ -65,13 +66,6 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return np.asarray(binary_fill_holes(mask))
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    idx = [np.flatnonzero(mask.any(axis=tuple(d for d in range(3) if d != ax))) for ax in range(3)]
-    if any(len(i) == 0 for i in idx):
-        return None
-    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)  # type: ignore[return-value]
-
-
 def postprocess_labels(
     labels: Volume,
     spec: PostprocessSpec | None = None,
@@ -116,7 +110,7 @@ def postprocess_labels(
     for value, label in labels.labels.items():
         if value not in present:
             continue
-        box = _bbox(arr == value)
+        box = bounding_box(arr == value)
         if box is None:
             continue
         sub = arr[box]
