@@ -440,7 +440,7 @@ def _lerp_axis(t: torch.Tensor, dim: int, q: np.ndarray) -> torch.Tensor:
         # 2-3x faster than torch's advanced indexing on CPU (torch's index_select slower still).
         if dim > 1 and t.device.type == "cpu":
             return torch.from_numpy(np.take(t.numpy(), idx, axis=dim))
-        return t.index_select(dim, torch.from_numpy(idx).to(t.device)) if dim > 1 else t[:, torch.from_numpy(idx)]
+        return t.index_select(dim, torch.from_numpy(idx).to(t.device))
 
     a = take(lo)
     if n == 1:
