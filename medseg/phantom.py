@@ -79,6 +79,10 @@ XYZ = tuple[Any, Any, Any]  # broadcastable world x, y, z coordinate arrays (mm)
 Field = tuple[np.ndarray, np.ndarray]  # (signed distance mm, negative inside; voxel width mm along the normal)
 
 
+#: Smallest fraction of a kidney tumour's sphere that must lie inside the body's interior (where it is painted).
+KIDNEY_TUMOUR_MIN_INSIDE = 0.75
+
+
 @dataclass(frozen=True)
 class PhantomLesion:
     """One tumour of a phantom: its label, centre (RAS mm) and radius (mm) as placed."""
@@ -316,11 +320,40 @@ class _Anatomy:
             side = 1.0 if value == 3 else -1.0
             pole = float(rng.choice([-1.0, 1.0]))
             radius = float(s * rng.uniform(10.0, 18.0))
-            local = np.array([side * 0.55 * k.radii[0], 0.0, pole * 0.6 * k.radii[2]])
-            assert k.rot is not None
-            centre = np.asarray(k.centre) + k.rot @ local
+            centre = self._kidney_tumour_centre(k, side, pole, radius)
             self.lesions.append(PhantomLesion(6, tuple(float(v) for v in centre), radius,  # type: ignore[arg-type]
                                               float(np.clip(rng.normal(45, 12), 15, 80))))
+
+    def _kidney_tumour_centre(self, kidney: _Ellipsoid, side: float, pole: float, radius: float) -> np.ndarray:
+        """Centre of a kidney tumour at the drawn pole, lateral and partly exophytic, moved toward the kidney's
+        centre until at least :data:`KIDNEY_TUMOUR_MIN_INSIDE` of its sphere lies inside the body's interior
+        (only that part is painted: a placement against the body wall would leave a sliver, not a tumour).
+
+        Deterministic (no draws), so the rest of the anatomy is unchanged.
+        """
+        assert kidney.rot is not None
+        g = np.linspace(-1.0, 1.0, 15)
+        unit = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
+        unit = unit[np.sum(unit * unit, axis=1) <= 1.0] * radius  # a lattice filling the sphere
+        best, best_inside = None, -1.0
+        # lateral at either pole first, then toward the front of the kidney (the interior is deeper there)
+        directions = [(side, 0.0, pole), (side, 0.0, -pole), (side, 1.0, pole), (side, 1.0, -pole),
+                      (0.0, 1.0, pole), (0.0, 1.0, -pole)]
+        for t in (1.0, 0.8, 0.6, 0.4, 0.2):
+            for lat, ant, p in directions:
+                local = np.array([lat * 0.55 * kidney.radii[0], ant * 0.6 * kidney.radii[1],
+                                  p * 0.6 * kidney.radii[2]]) * t
+                centre = np.asarray(kidney.centre) + kidney.rot @ local
+                pts = unit + centre
+                d, _ = self.interior((pts[:, 0], pts[:, 1], pts[:, 2]), np.ones(3))
+                inside = float(np.mean(d < 0))
+                if inside >= KIDNEY_TUMOUR_MIN_INSIDE:
+                    return centre
+                if inside > best_inside:
+                    best, best_inside = centre, inside
+        log.warning("kidney tumour of radius %.1f mm: at best %.0f %% inside the body", radius, 100 * best_inside)
+        assert best is not None
+        return best
 
     # fields (xyz: broadcastable world coordinate arrays; sp: spacing for partial-volume widths)
     def body(self, xyz: XYZ, sp: np.ndarray) -> Field:
