@@ -11,12 +11,17 @@ tumours ≥ 0.70), lesion-wise detection precision / recall / F1 pooled over the
 every output was on its input's grid, and time and peak RSS per case. There is no accuracy baseline to divide by:
 the targets are the reference. Nothing is asserted; the exit code is 0 either way.
 
+Post-processing choices (e.g. a per-label minimum component size) are never made on these seeds: they are made on
+the card's validation phantoms or on 30 *calibration* phantoms (seeds 5300–5329, drawn like the held-out sets,
+never used for training or scoring), whose predicted lesion components ``--components-on`` lists.
+
 Usage::
 
     python benchmarks/eval_shipped_models.py                # table
+    python benchmarks/eval_shipped_models.py --first-seed 91000   # another held-out set
     python benchmarks/eval_shipped_models.py --json out.json
     python benchmarks/eval_shipped_models.py --record       # also write the table into the shipped card
-    python benchmarks/eval_shipped_models.py --components-on-validation   # lesion sizes on validation phantoms
+    python benchmarks/eval_shipped_models.py --components-on calibration   # lesion components, no post-processing
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import numpy as np
 
 MODEL = "phantom-abdomen-ct"
 EVAL_SEEDS = tuple(range(90000, 90010))
+#: Phantoms drawn like the held-out sets for choosing post-processing; never scored as held-out.
+CALIBRATION_SEEDS = tuple(range(5300, 5330))
 ORGAN_TARGET, TUMOUR_TARGET, F1_TARGET = 0.90, 0.70, 0.80
 
 
@@ -67,6 +74,10 @@ def evaluate_model(model: str = MODEL, *, device: str = "cpu", seeds: tuple[int,
     overlap = _training_seeds(card) & set(seeds)
     if overlap:
         raise SystemExit(f"held-out seeds {sorted(overlap)} were used in training; choose others")
+    overlap = set(CALIBRATION_SEEDS) & set(seeds)
+    if overlap:
+        raise SystemExit(f"held-out seeds {sorted(overlap)} are calibration seeds (post-processing was chosen on "
+                         "them); choose others")
     assert card.labels is not None
     names = [card.labels.names[v] for v in sorted(card.labels)]
     lesion_names = [card.labels.names[v] for v in sorted(card.labels) if card.labels[v].kind == "lesion"]
@@ -117,28 +128,47 @@ def evaluate_model(model: str = MODEL, *, device: str = "cpu", seeds: tuple[int,
     return summary
 
 
-def validation_components(model: str = MODEL, *, device: str = "cpu") -> list[dict[str, Any]]:
-    """Lesion components predicted without post-processing on the validation phantoms recorded in the card
-    (never the held-out seeds): how big the detected ones and the false positives are. This is what a per-label
-    minimum component size (``postprocessing.min_component_ml_by_label``) is chosen from."""
+def lesion_components(model: str = MODEL, *, on: str = "calibration", device: str = "cpu") -> list[dict[str, Any]]:
+    """Lesion components predicted without post-processing on the card's validation phantoms (``on="validation"``)
+    or on the calibration phantoms (:data:`CALIBRATION_SEEDS`, drawn like the held-out sets), never on held-out
+    seeds: how big the detected ones and the false positives are, without post-processing and after the card's.
+    This is what post-processing (``postprocessing.min_component_ml_by_label``, ``lesion_hosts``) is chosen
+    and checked on."""
     from medseg.inference import Segmenter
     from medseg.metrics import evaluate
+    from medseg.postprocess import postprocess_labels
     from medseg.train import PhantomSource, _source, phantom_cases
 
     seg = Segmenter(model, device=device, postprocess=False)
-    described = seg.card.provenance.get("validation_data")
-    source = _source(seg.card.name, described, "provenance.validation_data", Path.cwd()) if described else None
-    if not isinstance(source, PhantomSource):
-        raise SystemExit(f"{seg.card.name}: the card records no validation phantoms")
+    if on == "calibration":
+        source: Any = heldout_source(CALIBRATION_SEEDS)
+    else:
+        described = seg.card.provenance.get("validation_data")
+        source = _source(seg.card.name, described, "provenance.validation_data", Path.cwd()) if described else None
+        if not isinstance(source, PhantomSource):
+            raise SystemExit(f"{seg.card.name}: the card records no validation phantoms")
     rows = []
     for case in phantom_cases(source):
         ph = case.make()
-        for det in evaluate(seg.segment(ph.image).labels, ph.labels).lesions:
-            for m in det.lesions:
-                rows.append({"seed": case.seed, "label": det.name, "status": m.status,
-                             "ref_ml": round(m.ref_ml, 3), "pred_ml": round(m.pred_ml, 3), "dice": round(m.dice, 3)})
-                print(f"  seed {case.seed} {det.name:<14} {m.status:<15} reference {m.ref_ml:7.2f} mL  "
-                      f"predicted {m.pred_ml:7.2f} mL  Dice {m.dice:.2f}", flush=True)
+        raw = seg.segment(ph.image).labels
+        for stage, labels in (("raw", raw), ("card", postprocess_labels(raw, seg.card.postprocessing))):
+            for det in evaluate(labels, ph.labels).lesions:
+                for m in det.lesions:
+                    rows.append({"seed": case.seed, "postprocessing": stage, "label": det.name, "status": m.status,
+                                 "ref_ml": round(m.ref_ml, 3), "pred_ml": round(m.pred_ml, 3), "dice": round(m.dice, 3)})
+                    if stage == "raw":
+                        print(f"  seed {case.seed} {det.name:<14} {m.status:<15} reference {m.ref_ml:7.2f} mL  "
+                              f"predicted {m.pred_ml:7.2f} mL  Dice {m.dice:.2f}", flush=True)
+    for stage, what in (("raw", "without post-processing"), ("card", "after the card's post-processing")):
+        print(f"{what}:")
+        for name in sorted({r["label"] for r in rows}):
+            mine = [r for r in rows if r["label"] == name and r["postprocessing"] == stage]
+            found = [r["pred_ml"] for r in mine if r["pred_ml"] > 0 and r["ref_ml"] > 0]
+            false = [r["pred_ml"] for r in mine if r["pred_ml"] > 0 and r["ref_ml"] == 0]
+            missed = sum(1 for r in mine if r["pred_ml"] == 0 and r["ref_ml"] > 0)
+            smallest = f"smallest {min(found):.2f} mL" if found else "none"
+            largest = f", largest {max(false):.2f} mL" if false else ""
+            print(f"  {name}: {len(found)} detected ({smallest}); {missed} missed; {len(false)} false positive{largest}")
     return rows
 
 
@@ -157,7 +187,8 @@ def print_table(s: dict[str, Any]) -> None:
 
 
 def record_in_card(s: dict[str, Any]) -> Path:
-    """Write the summary (without per-case rows) under ``provenance.heldout_evaluation`` of the shipped card."""
+    """Write the summary (without per-case rows) into the list ``provenance.heldout_evaluation`` of the shipped
+    card, replacing an earlier entry for the same seeds."""
     import yaml
 
     from medseg.models.cards import load_card
@@ -168,15 +199,21 @@ def record_in_card(s: dict[str, Any]) -> Path:
     text = path.read_text()
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
     data = yaml.safe_load(text)
-    data.setdefault("provenance", {})["heldout_evaluation"] = {
-        "command": "python benchmarks/eval_shipped_models.py",
-        "seeds": [s["seeds"][0], s["seeds"][-1] + 1],
+    seeds = [s["seeds"][0], s["seeds"][-1] + 1]
+    entry = {
+        "command": "python benchmarks/eval_shipped_models.py"
+                   + ("" if s["seeds"][0] == EVAL_SEEDS[0] else f" --first-seed {s['seeds'][0]}"),
+        "seeds": seeds,
         "labels": {n: {"mean_dice": r["mean_dice"], "min_dice": r["min_dice"], "cases": r["cases"]}
                    for n, r in s["labels"].items()},
         "lesion_detection": {n: {k: r[k] for k in ("n_ref", "n_pred", "precision", "recall", "f1")}
                              for n, r in s["lesions"].items()},
         "all_on_input_grid": s["all_on_input_grid"],
     }
+    prov = data.setdefault("provenance", {})
+    earlier = prov.get("heldout_evaluation")
+    entries = [e for e in (earlier if isinstance(earlier, list) else []) if e.get("seeds") != seeds]
+    prov["heldout_evaluation"] = sorted([*entries, entry], key=lambda e: e["seeds"][0])
     path.write_text(header + dump_yaml(data))
     load_card(path)
     return path
@@ -190,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"first of the ten held-out seeds (default {EVAL_SEEDS[0]}; another set for a fresh check)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON")
     p.add_argument("--record", action="store_true", help="write the summary into the shipped card's provenance")
-    p.add_argument("--components-on-validation", action="store_true",
+    p.add_argument("--components-on", choices=("validation", "calibration"),
                    help="instead: list predicted lesion components (no post-processing) on the card's validation "
-                        "phantoms, to choose per-label minimum component sizes")
+                        "phantoms or on the calibration phantoms, to choose per-label minimum component sizes")
     a = p.parse_args(argv)
-    if a.components_on_validation:
-        validation_components(a.model, device=a.device)
+    if a.components_on:
+        lesion_components(a.model, on=a.components_on, device=a.device)
         return 0
     s = evaluate_model(a.model, device=a.device, seeds=tuple(range(a.first_seed, a.first_seed + 10)))
     print_table(s)

@@ -1,4 +1,5 @@
-"""Clean-up of label maps: keep the largest component of organs, drop small components, fill holes.
+"""Clean-up of label maps: keep the largest component of organs, drop small components, fill holes, drop lesion
+components away from their host organ.
 
 Connected components use cc3d (26-connectivity by default); hole filling uses scipy. Every operation works on
 each label's bounding box, so cost follows the structure's size, not the scan's.
@@ -19,7 +20,8 @@ from medseg.volume import Volume
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.models.cards import PostprocessSpec
 
-__all__ = ["fill_holes", "largest_component", "postprocess_labels", "remove_small_components"]
+__all__ = ["components_touching", "fill_holes", "largest_component", "postprocess_labels",
+           "remove_small_components"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,29 @@ def remove_small_components(mask: np.ndarray, min_voxels: int, *, connectivity: 
     return np.asarray(cc3d.dust(mask, threshold=int(min_voxels), connectivity=connectivity, in_place=False))
 
 
+def components_touching(mask: np.ndarray, other: np.ndarray, *, connectivity: Connectivity = 26) -> np.ndarray:
+    """The connected components of ``mask`` that touch ``other``: overlap it or lie next to one of its voxels
+    (next = within the ``connectivity`` neighbourhood).
+
+    Parameters
+    ----------
+    mask, other : ndarray of bool, shape (I, J, K)
+    connectivity : {6, 18, 26}
+        For the components and for "next to".
+    """
+    import cc3d
+    from scipy.ndimage import binary_dilation, generate_binary_structure
+
+    mask = np.asarray(mask, dtype=bool)
+    other = np.asarray(other, dtype=bool)
+    if not mask.any() or not other.any():
+        return np.zeros_like(mask)
+    comps = cc3d.connected_components(mask, connectivity=connectivity)
+    near = binary_dilation(other, generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[connectivity]))
+    touching = np.unique(comps[near & mask])
+    return np.isin(comps, touching[touching > 0])
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """The mask with its enclosed cavities (background not connected to the outside, 6-connected) filled."""
     from scipy.ndimage import binary_fill_holes
@@ -78,8 +103,11 @@ def postprocess_labels(
 
     For every label: drop connected components smaller than ``min_component_ml`` (mL, from the grid's voxel
     volume; the spec's ``min_component_ml_by_label`` overrides it per label name, and an explicit
-    ``min_component_ml`` argument applies to every label); for labels of kind ``organ`` keep only the largest component; fill enclosed holes with the label,
-    but only where the hole is background (another label inside, e.g. a tumour in an organ, is kept).
+    ``min_component_ml`` argument applies to every label); for labels of kind ``organ`` keep only the largest
+    component; fill enclosed holes with the label, but only where the hole is background (another label inside,
+    e.g. a tumour in an organ, is kept). Then, for each label of the spec's ``lesion_hosts``, drop the components
+    that touch none of its host labels as they are after that clean-up (a kidney tumour beside a stray kidney
+    fragment goes with it).
 
     Parameters
     ----------
@@ -101,7 +129,8 @@ def postprocess_labels(
     min_ml = min_component_ml if min_component_ml is not None else (spec.min_component_ml if spec else 0.0)
     do_fill = fill if fill is not None else bool(spec and spec.fill_holes)
     by_label = dict(spec.min_component_ml_by_label) if spec and min_component_ml is None else {}
-    if not (largest or min_ml > 0 or do_fill or any(v > 0 for v in by_label.values())):
+    hosts = dict(spec.lesion_hosts) if spec else {}
+    if not (largest or min_ml > 0 or do_fill or any(v > 0 for v in by_label.values()) or hosts):
         return labels
     if labels.labels is None:
         raise LabelTableError("Post-processing needs a label table (which labels are organs); the volume has none.")
@@ -129,4 +158,16 @@ def postprocess_labels(
             sub[filled] = value
         if removed.any():
             logger.debug("label %d (%s): removed %d voxels", value, label.name, int(removed.sum()))
+    for name, host_names in hosts.items():
+        value = labels.labels.value_of(name)
+        box = bounding_box(arr == value, margin=1)
+        if box is None:
+            continue
+        sub = arr[box]
+        mask = sub == value
+        keep = components_touching(mask, np.isin(sub, [labels.labels.value_of(h) for h in host_names]))
+        if (mask & ~keep).any():
+            logger.debug("label %d (%s): removed %d voxels away from %s", value, name, int((mask & ~keep).sum()),
+                         ", ".join(host_names))
+        sub[mask & ~keep] = 0
     return labels.with_array(arr, labels=labels.labels)

@@ -953,7 +953,10 @@ def _write_curves(path: Path, history: Sequence[EpochRecord], names: Sequence[st
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation Dice")
     ax2.set_title("validation Dice per label")
-    ax2.legend(fontsize=7, loc="lower right")
+    if val:
+        ax2.legend(fontsize=7, loc="lower right")
+    else:  # before the first validation epoch
+        ax2.text(0.5, 0.5, "no validation yet", ha="center", va="center", transform=ax2.transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -10,7 +10,13 @@ from medseg import Volume
 from medseg.errors import LabelTableError
 from medseg.labels import Label, LabelTable
 from medseg.models.cards import PostprocessSpec
-from medseg.postprocess import fill_holes, largest_component, postprocess_labels, remove_small_components
+from medseg.postprocess import (
+    components_touching,
+    fill_holes,
+    largest_component,
+    postprocess_labels,
+    remove_small_components,
+)
 
 TABLE = LabelTable([Label(1, "liver", (200, 0, 0), "organ"), Label(2, "tumour", (0, 200, 0), "lesion")])
 
@@ -100,3 +106,54 @@ def test_card_names_labels_of_the_per_label_minimum() -> None:
         card({"tumor": 0.5})
     with pytest.raises(ModelCardError, match=r"min_component_ml_by_label\.tumour"):
         card({"tumour": -1})
+
+
+def test_components_touching_overlap_or_neighbour() -> None:
+    m = np.zeros((9, 8, 7), bool)
+    host = np.zeros_like(m)
+    host[0:3, 0:3, 0:3] = True
+    m[3, 1, 1] = True            # face neighbour of the host
+    m[3:5, 3, 3] = True          # diagonal neighbour only (corner 2, 2, 2)
+    m[6:8, 6:8, 5:7] = True      # two voxels away: not touching
+    m[1, 1, 1] = True            # inside the host (overlap), a component of its own
+    got26 = components_touching(m, host)
+    assert got26[3, 1, 1] and got26[3, 3, 3] and got26[4, 3, 3] and got26[1, 1, 1] and not got26[6:8, 6:8, 5:7].any()
+    got6 = components_touching(m, host, connectivity=6)
+    assert got6[3, 1, 1] and got6[1, 1, 1] and not got6[3:5, 3, 3].any()
+    assert not components_touching(m, np.zeros_like(m)).any() and not components_touching(host & False, host).any()
+
+
+def test_lesion_hosts_drop_lesions_away_from_the_cleaned_host() -> None:
+    a = scene()
+    a[15:17, 13:15, 3:5] = 2         # a tumour on the stray liver island only
+    vol = Volume(a, oblique_affine(spacing=(0.7, 1.3, 2.9)), labels=TABLE)
+    hosts = {"tumour": ("liver",)}
+    out = postprocess_labels(vol, PostprocessSpec(largest_component=True, lesion_hosts=hosts)).array
+    assert (out[5:8, 5:8, 4:7] == 2).all()                       # inside the liver: kept
+    assert not (out[16:19, 2:5, 8:11] == 2).any() and out[0, 15, 11] == 0   # away from any liver: dropped
+    assert not (out[15:17, 13:15, 1:5] > 0).any()                # the island went, and its tumour with it
+    kept = postprocess_labels(vol, PostprocessSpec(lesion_hosts=hosts)).array   # no organ clean-up
+    assert (kept[15:17, 13:15, 3:5] == 2).all() and (kept[15:17, 13:15, 1:3] == 1).all()
+    assert not (kept[16:19, 2:5, 8:11] == 2).any()
+    assert ((kept == 1) == (a == 1)).all()                       # hosts themselves are untouched
+
+
+def test_card_checks_lesion_hosts() -> None:
+    from medseg.errors import ModelCardError
+    from medseg.models.cards import parse_card
+
+    def card(hosts):
+        return parse_card({"name": "m", "network": {"name": "UNet", "kwargs": {"out_channels": 3}},
+                           "labels": [{"value": 1, "name": "liver"}, {"value": 2, "name": "tumour", "kind": "lesion"}],
+                           "postprocessing": {"lesion_hosts": hosts}})
+
+    assert card({"tumour": ["liver"]}).postprocessing.lesion_hosts == {"tumour": ("liver",)}
+    assert card({"tumour": "liver"}).summary()["postprocessing"]["lesion_hosts"] == {"tumour": ["liver"]}
+    with pytest.raises(ModelCardError, match="tumor.*did you mean 'tumour'"):
+        card({"tumor": ["liver"]})
+    with pytest.raises(ModelCardError, match="names 'livr'.*did you mean 'liver'"):
+        card({"tumour": ["livr"]})
+    with pytest.raises(ModelCardError, match="names 'tumour', which is not another label"):
+        card({"tumour": ["tumour"]})
+    with pytest.raises(ModelCardError, match=r"lesion_hosts\.tumour.*a list of host label names"):
+        card({"tumour": []})

@@ -34,8 +34,9 @@ def test_card_weights_sha256_and_size(card) -> None:  # type: ignore[no-untyped-
     recipe = Path(__file__).resolve().parents[1] / "workflows" / prov["recipe"]
     assert recipe.name.startswith("train-phantom-abdomen-ct") and prov["recipe_text"] == recipe.read_text()
     assert len(prov["init_from"]["weights_sha256"]) == 64  # fine-tuned from an earlier stage's recorded weights
-    held = prov["heldout_evaluation"]
-    assert held["all_on_input_grid"] is True and held["seeds"][0] >= 90000
+    held = prov["heldout_evaluation"]  # one entry per held-out set scored (benchmarks/eval_shipped_models.py --record)
+    assert held[0]["seeds"] == [90000, 90010] and all(h["all_on_input_grid"] is True for h in held)
+    assert len({tuple(h["seeds"]) for h in held}) == len(held)
 
 
 def test_tampered_weights_are_refused(card, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -71,7 +72,8 @@ def test_segments_a_small_phantom_on_its_own_grid(card) -> None:  # type: ignore
         assert result[lesion].dice >= TUMOUR_DICE_MIN, (lesion, result[lesion].dice)
 
 
-# Measured with the shipped weights on this phantom (CPU): liver 0.914, spleen 0.928, kidney_left 0.947,
-# kidney_right 0.867, liver_tumour 0.719, kidney_tumour 0.754; thresholds sit a little below.
+# Measured with the shipped weights (stage 5) on this phantom (CPU): liver 0.940, spleen 0.943, kidney_left 0.958,
+# kidney_right 0.903, liver_tumour 0.815, kidney_tumour 0.846 (stage 4: 0.914, 0.928, 0.947, 0.867, 0.719, 0.754);
+# the thresholds sit below both.
 ORGAN_DICE_MIN = 0.85
 TUMOUR_DICE_MIN = 0.6

@@ -124,12 +124,15 @@ class WindowSpec:
 @dataclass(frozen=True)
 class PostprocessSpec:
     """Label clean-up after inference: keep the largest component of organ labels, drop components smaller
-    than ``min_component_ml`` (mL; ``min_component_ml_by_label`` overrides it per label name), fill holes."""
+    than ``min_component_ml`` (mL; ``min_component_ml_by_label`` overrides it per label name), fill holes, and
+    drop components of a label listed in ``lesion_hosts`` that touch none of its host labels (label name → host
+    label names, e.g. ``kidney_tumour: [kidney_left, kidney_right]``)."""
 
     largest_component: bool = False
     min_component_ml: float = 0.0
     fill_holes: bool = False
     min_component_ml_by_label: Mapping[str, float] = field(default_factory=dict)
+    lesion_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ class ModelCard:
                 "sw_batch_size": self.inference.sw_batch_size,
             },
             "postprocessing": {**vars(self.postprocessing),
-                               "min_component_ml_by_label": dict(self.postprocessing.min_component_ml_by_label)},
+                               "min_component_ml_by_label": dict(self.postprocessing.min_component_ml_by_label),
+                               "lesion_hosts": {k: list(v) for k, v in self.postprocessing.lesion_hosts.items()}},
             "weights": None if self.weights is None else {"file": str(self.weights.path), "sha256": self.weights.sha256},
             "provenance": dict(self.provenance),
         }
@@ -331,6 +335,31 @@ def _intensity(r: _Reader, data: Any) -> IntensitySpec:
     return spec
 
 
+def _lesion_hosts(r: _Reader, data: Any, label_names: set[str] | None) -> dict[str, tuple[str, ...]]:
+    """``postprocessing.lesion_hosts``: label name → a non-empty list of other label names of the card."""
+    where = "postprocessing.lesion_hosts"
+    hosts = r.mapping(data, where, label_names)
+    if hosts and label_names is None:
+        raise r.fail(where, "labels in the card to name", dict(hosts))
+    out: dict[str, tuple[str, ...]] = {}
+    for name, value in hosts.items():
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise r.fail(f"{where}.{name}", "a list of host label names, e.g. [kidney_left, kidney_right]", value)
+        allowed = sorted((label_names or set()) - {str(name)})
+        for n in names:
+            if n not in allowed:
+                import difflib
+
+                close = difflib.get_close_matches(n, allowed, n=1)
+                raise ModelCardError(
+                    f"{r.source}: '{where}.{name}' names '{n}', which is not another label of the card"
+                    + (f" (did you mean '{close[0]}'?)" if close else "") + f". Labels: {allowed}."
+                )
+        out[str(name)] = tuple(names)
+    return out
+
+
 def parse_card(data: Any, *, source: str | Path = "model card", base_dir: Path | None = None) -> ModelCard:
     """Validate a card's parsed YAML content and build a :class:`ModelCard`.
 
@@ -416,15 +445,18 @@ def parse_card(data: Any, *, source: str | Path = "model card", base_dir: Path |
         sw_batch_size=int(r.number(inf, "sw_batch_size", "inference.", 1, lo=1)),
     )
     post = r.mapping(top.get("postprocessing"), "postprocessing", {"largest_component", "min_component_ml",
-                                                                   "fill_holes", "min_component_ml_by_label"})
+                                                                   "fill_holes", "min_component_ml_by_label",
+                                                                   "lesion_hosts"})
+    label_names = None if labels is None else set(labels.names.values())
     by_label = r.mapping(post.get("min_component_ml_by_label"), "postprocessing.min_component_ml_by_label",
-                         None if labels is None else set(labels.names.values()))
+                         label_names)
     postprocessing = PostprocessSpec(
         largest_component=r.boolean(post, "largest_component", "postprocessing.", False),
         min_component_ml=r.number(post, "min_component_ml", "postprocessing.", 0.0, lo=0.0),
         fill_holes=r.boolean(post, "fill_holes", "postprocessing.", False),
         min_component_ml_by_label={str(k): r.number(by_label, k, "postprocessing.min_component_ml_by_label.", 0.0,
                                                      lo=0.0) for k in by_label},
+        lesion_hosts=_lesion_hosts(r, post.get("lesion_hosts"), label_names),
     )
     weights: WeightsSpec | None = None
     if top.get("weights") is not None:
