@@ -165,9 +165,9 @@ def postprocess_labels(
             continue
         sub = arr[box]
         mask = sub == value
-        keep = components_touching(mask, np.isin(sub, [labels.labels.value_of(h) for h in host_names]))
-        if (mask & ~keep).any():
-            logger.debug("label %d (%s): removed %d voxels away from %s", value, name, int((mask & ~keep).sum()),
+        away = mask & ~components_touching(mask, np.isin(sub, [labels.labels.value_of(h) for h in host_names]))
+        if away.any():
+            logger.debug("label %d (%s): removed %d voxels away from %s", value, name, int(away.sum()),
                          ", ".join(host_names))
-        sub[mask & ~keep] = 0
+            sub[away] = 0
     return labels.with_array(arr, labels=labels.labels)
