@@ -77,3 +77,16 @@ def test_segments_a_small_phantom_on_its_own_grid(card) -> None:  # type: ignore
 # the thresholds sit below both.
 ORGAN_DICE_MIN = 0.85
 TUMOUR_DICE_MIN = 0.6
+
+
+@pytest.mark.gpu
+def test_shipped_model_on_cuda_matches_cpu(card) -> None:  # type: ignore[no-untyped-def]
+    from medseg.inference import Segmenter
+    from medseg.phantom import make_phantom
+
+    ph = make_phantom(424243, shape=(72, 84, 46), spacing_mm=(5.6, 4.8, 5.8), orientation="PRI", liver_tumours=2,
+                      kidney_tumour=True)
+    cpu = Segmenter(card, device="cpu").segment(ph.image).labels
+    gpu = Segmenter(card, device="cuda").segment(ph.image)
+    assert gpu.device.startswith("cuda") and gpu.labels.same_grid(ph.image)
+    assert (gpu.labels.array == cpu.array).mean() > 0.99  # fp16 on CUDA when the defaults choose it

@@ -289,3 +289,22 @@ def test_shipped_sample_manifest_is_valid() -> None:
     manifest = Path(__file__).parents[1] / "data_manifests" / "sample-data.json"
     cases = read_manifest(manifest).cases  # checks every recorded sha256 and that no path leaves the root
     assert len(cases) == 5 and all(img.exists() and lab.exists() for img, lab in cases)
+
+
+@pytest.mark.gpu
+def test_cuda_amp_training_resumes_and_its_card_runs_on_cpu(tmp_path: Path) -> None:
+    """The CUDA path: fp16 autocast + GradScaler (training.amp), the scaler's state in last.pt, resume on CUDA;
+    the weights written there load and segment on CPU."""
+    from medseg.inference import Segmenter
+    from medseg.phantom import make_phantom
+
+    full = train(SMOKE, output_dir=tmp_path / "full", device="cuda")
+    losses = [r.train_loss for r in full.history]
+    assert all(np.isfinite(losses)) and losses[1] < losses[0], losses
+    first = train(SMOKE, output_dir=tmp_path / "split", device="cuda", until_epoch=1)
+    second = train(SMOKE, output_dir=tmp_path / "split", device="cuda", resume=first.checkpoint_path)
+    assert [r.epoch for r in second.history] == [1, 2]
+    assert second.history[1].train_loss == pytest.approx(losses[1], rel=0.05)  # cuDNN is not bitwise deterministic
+    ph = make_phantom(321, shape=(40, 36, 22), spacing_mm=(10.0, 11.0, 12.0), orientation="LPI")
+    out = Segmenter(str(full.card_path), device="cpu").segment(ph.image)
+    assert out.labels.same_grid(ph.image)
