@@ -222,6 +222,14 @@ class ModelCard:
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
+def _did_you_mean(name: str, options: set[str] | list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``options``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 class _Reader:
     """Field access with errors that name the card and the field."""
 
@@ -239,10 +247,7 @@ class _Reader:
         if allowed is not None:
             unknown = sorted(set(map(str, data)) - allowed)
             if unknown:
-                import difflib
-
-                hints = [difflib.get_close_matches(u, sorted(allowed), n=1) for u in unknown]
-                hint = "; ".join(f"'{u}' (did you mean '{h[0]}'?)" if h else f"'{u}'" for u, h in zip(unknown, hints))
+                hint = "; ".join(f"'{u}'{_did_you_mean(u, allowed)}" for u in unknown)
                 raise ModelCardError(
                     f"{self.source}: unknown field(s) in '{where}': {hint}. Allowed: {sorted(allowed)}."
                 )
@@ -349,13 +354,8 @@ def _lesion_hosts(r: _Reader, data: Any, label_names: set[str] | None) -> dict[s
         allowed = sorted((label_names or set()) - {str(name)})
         for n in names:
             if n not in allowed:
-                import difflib
-
-                close = difflib.get_close_matches(n, allowed, n=1)
-                raise ModelCardError(
-                    f"{r.source}: '{where}.{name}' names '{n}', which is not another label of the card"
-                    + (f" (did you mean '{close[0]}'?)" if close else "") + f". Labels: {allowed}."
-                )
+                raise ModelCardError(f"{r.source}: '{where}.{name}' names '{n}', which is not another label of the "
+                                     f"card{_did_you_mean(n, allowed)}. Labels: {allowed}.")
         out[str(name)] = tuple(names)
     return out
 
