@@ -25,3 +25,12 @@ def bounding_box(mask: np.ndarray, margin: int | Sequence[int] = 0) -> tuple[sli
             return None
         box.append(slice(max(0, int(hit[0]) - r), min(mask.shape[ax], int(hit[-1]) + 1 + r)))
     return tuple(box)
+
+
+def connected_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Connected components of a boolean array (cc3d): the component index per voxel (0 = background) and the
+    number of components. ``connectivity`` is 6, 18 or 26 in 3D (4 or 8 in 2D)."""
+    import cc3d
+
+    lab, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)  # type: ignore[call-overload]
+    return np.asarray(lab), int(n)

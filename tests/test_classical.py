@@ -495,7 +495,7 @@ def _blocks_up(m: np.ndarray, f: tuple[int, int, int], shape: tuple[int, ...]) -
 ])
 def test_input_grid_labels_equal_the_blockwise_refinement(shape, f, layout):
     """Only boundary blocks are re-thresholded; the result must equal refining every block of every region."""
-    from medseg.classical import _dilate, _erode, _to_input_grid
+    from medseg.classical.ct_basic import _dilate, _erode, _to_input_grid
 
     rng = np.random.default_rng(sum(shape))
     coarse = tuple(-(-n // fi) for n, fi in zip(shape, f))
@@ -532,7 +532,7 @@ def test_input_grid_labels_equal_the_blockwise_refinement(shape, f, layout):
 def test_fill_holes_in_plane_equals_scipy_slice_by_slice(axial):
     import scipy.ndimage as ndi
 
-    from medseg.classical import _fill_holes_in_plane
+    from medseg.classical.ct_basic import _fill_holes_in_plane
 
     rng = np.random.default_rng(axial)
     m = rng.random((11, 9, 8)) < 0.55  # many holes, many pixels on the slice edges
@@ -546,7 +546,7 @@ def test_work_in_the_bounding_box_equals_the_whole_array_at_the_volume_edge():
     """A mask cut by the volume's edge on one side: closing and in-plane hole filling inside its grown bounding
     box give what they give on the whole array."""
     from medseg._masks import bounding_box
-    from medseg.classical import _dilate, _erode, _fill_holes_in_plane
+    from medseg.classical.ct_basic import _dilate, _erode, _fill_holes_in_plane
 
     rng = np.random.default_rng(1)
     m = np.zeros((30, 26, 14), dtype=bool)
@@ -566,7 +566,7 @@ def test_ct_basic_statistics_helpers_equal_numpy_and_scipy():
     import cc3d
     import scipy.ndimage as ndi
 
-    from medseg.classical import _block_mean, _label_medians, _mean_index
+    from medseg.classical.ct_basic import _block_mean, _label_medians, _mean_index
 
     rng = np.random.default_rng(2)
     values = rng.normal(0, 300, (20, 17, 9)).astype(np.float32)
