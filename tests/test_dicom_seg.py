@@ -507,3 +507,60 @@ def test_docstring_examples_run() -> None:
 
     result = doctest.testmod(medseg.io.dicom_seg)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---- acceptance: phantom DICOM series → phantom-abdomen-ct → SEG → back onto the source grid ------------------
+@pytest.fixture(scope="module")
+def segmenter():
+    from medseg.inference import InferenceOptions, Segmenter
+
+    return Segmenter("phantom-abdomen-ct", device="cpu", options=InferenceOptions.fast())
+
+
+def _oblique(volume: Volume) -> Volume:
+    """The same voxels rotated 15° about z and 10° about x around the volume's centre (an oblique series)."""
+    a, b = np.radians(15), np.radians(10)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    rot = np.eye(4)
+    rot[:3, :3] = rz @ rx
+    centre = volume.world_mm((np.array(volume.shape) - 1) / 2)
+    shift, back = np.eye(4), np.eye(4)
+    shift[:3, 3], back[:3, 3] = -centre, centre
+    return Volume(volume.array, back @ rot @ shift @ volume.affine, modality=volume.modality)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["RAS", "LPS", "RAI", "LAI", "oblique"])
+def test_phantom_series_segmented_to_seg_reads_back_exactly(tmp_path: Path, segmenter, variant: str) -> None:
+    """RAS, LPS, flipped (RAI, left-handed: the series reads back with its slices reversed), descending z (LAI: the
+    slice normal points to the feet) and oblique phantom CT series."""
+    from medseg.io import save_volume
+    from medseg.io.dicom_write import write_dicom_series
+    from medseg.phantom import make_phantom, write_phantom_study
+
+    phantom = make_phantom(7, shape=(64, 56, 24), orientation="LPS" if variant == "oblique" else variant)
+    if variant == "oblique":
+        folder = write_dicom_series(_oblique(phantom.image), tmp_path / "ct").folder
+    else:
+        folder = write_phantom_study(phantom, tmp_path / "study").image_path
+    ct = load_volume(folder)
+    assert ct.is_oblique == (variant == "oblique")
+    if variant == "LAI":
+        z = [pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2] for f in ct.source.files]  # type: ignore[union-attr]
+        assert ct.source.slice_instances(ct).axis == 2 and z == sorted(z, reverse=True)  # type: ignore[union-attr]
+    result = segmenter.segment(ct)
+    nifti = load_volume(save_volume(result.labels, tmp_path / "labels.nii.gz"))
+    assert nifti.same_grid(ct) and len(np.unique(nifti.array)) >= 5
+    algo = SegAlgorithm.from_card(segmenter.card)
+    binary = write_dicom_seg(result.labels, ct, tmp_path / "binary.dcm", algorithm=algo)
+    labelmap = write_dicom_seg(result.labels, folder, tmp_path / "labelmap.dcm", seg_type="labelmap", algorithm=algo)
+    for path in (binary, labelmap):
+        back = load_segmentation(path, reference=ct)
+        np.testing.assert_array_equal(back.array, nifti.array)
+        np.testing.assert_array_equal(decode_with_pydicom(path, ct), nifti.array)
+        assert back.labels is not None and back.labels.names == result.labels.labels.names  # type: ignore[union-attr]
+    assert dciodvfy_errors(binary) == []
+    algo_item = pydicom.dcmread(binary).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algo_item.AlgorithmName == "phantom-abdomen-ct"
+    assert segmenter.card.weights.sha256 in str(algo_item.AlgorithmParameters)
