@@ -67,6 +67,7 @@ __all__ = [
     "is_dicom_seg",
     "load_segmentation",
     "read_seg_info",
+    "save_segment_masks",
     "write_dicom_seg",
 ]
 
@@ -647,7 +648,8 @@ def write_dicom_seg(
         raise DicomSegError(f"algorithm_type must be AUTOMATIC, SEMIAUTOMATIC or MANUAL, not {algorithm_type!r}.")
     if algorithm_type != "MANUAL" and algorithm is None:
         raise DicomSegError(f"algorithm_type {algorithm_type} needs algorithm=SegAlgorithm(name, version, "
-                            "weights_sha256) naming the model (or algorithm_type='MANUAL' for hand-drawn labels).")
+                            "weights_sha256) naming the model (CLI: --model M), or algorithm_type='MANUAL' for "
+                            "hand-drawn labels (CLI: --algorithm-type MANUAL).")
     out_path = Path(path)
     if not out_path.parent.exists():
         raise UnreadableFileError(f"{out_path}: folder {out_path.parent} does not exist.")
@@ -665,7 +667,8 @@ def write_dicom_seg(
     table = labels.labels
     if table is None:
         raise SegmentCodeError(f"The label map has no label table, so its values {present[:10]} have no names or "
-                               "codes; attach one (volume.with_array(array, labels=LabelTable(...))).")
+                               "codes; attach one (volume.with_array(array, labels=LabelTable(...))), or put a "
+                               "label table sidecar beside the label file (labels.nii.gz → labels.labels.json).")
     missing = [v for v in present if v not in table]
     if missing:
         raise LabelTableError(f"Label values {missing[:20]} are in the array but not in its label table "
@@ -1110,3 +1113,34 @@ def read_seg_info(seg_path: str | os.PathLike[str]) -> SegInfo:
         n_frames=int(ds.get("NumberOfFrames", 1) or 1),
         segments=tuple(segments),
     )
+
+
+def save_segment_masks(volume: Volume, path: str | os.PathLike[str]) -> list[Path]:
+    """Write a split segmentation (:func:`load_segmentation` with ``split=True``) as one mask file per segment.
+
+    ``labels.nii.gz`` becomes ``labels_<value>_<name>.nii.gz`` for each label of the table (in value order, one
+    per channel); each mask holds the label's value where the segment is, 0 elsewhere, with a one-label table.
+
+    Raises
+    ------
+    DicomSegError
+        If ``volume`` is not a (I, J, K, N) volume with an N-label table.
+    UnsupportedFormatError
+        If ``path`` has a suffix :func:`medseg.io.save_volume` does not write.
+    """
+    from medseg.io.volume_io import WRITE_SUFFIXES, save_volume
+
+    table = volume.labels
+    if volume.array.ndim != 4 or table is None or len(table) != volume.array.shape[3]:
+        raise DicomSegError("save_segment_masks needs the (I, J, K, N) volume that load_segmentation(..., "
+                            "split=True) returns, with one label per channel.")
+    p = Path(path)
+    suffix = next((x for x in WRITE_SUFFIXES if p.name.lower().endswith(x)), p.suffix)
+    stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
+    out = []
+    for c, (value, label) in enumerate(table.items()):
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.name).strip("_") or "segment"
+        mask = np.where(volume.array[..., c] != 0, value, 0).astype(np.uint8 if value < 256 else np.uint16)
+        one = Volume(mask, volume.affine, labels=LabelTable([label]))
+        out.append(save_volume(one, p.with_name(f"{stem}_{value}_{safe}{suffix}")))
+    return out
