@@ -981,7 +981,30 @@ def _place(dec: _Decoded, affine: np.ndarray, shape: tuple[int, int, int], *, sp
     dropped = 0
     inv = np.linalg.inv(affine)
     inverse = {v: n for n, v in dec.values.items()}
+    lut = None
+    if dec.seg_type == "LABELMAP" and not split:  # one frame per plane, no overlaps: map numbers to values at once
+        top = max(int(dec.frames.max()), max(dec.numbers)) + 1
+        lut = np.zeros(top, dtype=out.dtype)
+        for n, v in dec.values.items():
+            lut[n] = v
+        pad = dec.ds.get("PixelPaddingValue", None)
+        if pad is not None and 0 <= int(pad) < top:
+            lut[int(pad)] = 0
     for f, plane in enumerate(dec.planes):
+        if lut is not None:
+            index_map = _frame_index_map(plane, inv)
+            if index_map is None:
+                return None
+            vals = lut[dec.frames[f]]
+            got = _frame_view(out, index_map, (rows, columns))
+            if got is None:
+                dropped += int(np.count_nonzero(vals))
+                continue
+            view, (r_keep, c_keep) = got
+            sub = vals[r_keep, c_keep]
+            dropped += int(np.count_nonzero(vals)) - int(np.count_nonzero(sub))
+            np.copyto(view, sub, where=sub != 0)
+            continue
         masks = _frame_masks(dec, f)
         if not masks:
             continue
