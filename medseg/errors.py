@@ -19,6 +19,7 @@ __all__ = [
     "GridMismatchError",
     "InconsistentSeriesError",
     "LabelTableError",
+    "ManifestError",
     "MedsegError",
     "MissingSlicesError",
     "ModalityMismatchError",
@@ -158,3 +159,8 @@ class ResultsLayoutError(MedsegError, ValueError):
 
 class RecipeError(MedsegError, ValueError):
     """A training recipe (YAML) or its dataset manifest is missing, malformed or names files that do not exist."""
+
+
+class ManifestError(MedsegError, ValueError):
+    """A manifest (JSON, CSV, MSD dataset.json) cannot be read, names files outside its root or that do not exist,
+    repeats a case id, or a file's sha256 differs from the one it records."""

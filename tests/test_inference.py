@@ -374,7 +374,7 @@ def test_cli_segment_writes_labels_and_sidecar(tmp_path: Path) -> None:
     assert mr.exists()
     assert res.exit_code == 2 and not (tmp_path / "mr_seg.nii.gz").exists()
     res = runner.invoke(app, ["models", "show", "ct-basci"])
-    assert res.exit_code == 2 and "Did you mean 'ct-basic'" in res.output
+    assert res.exit_code == 2 and "did you mean 'ct-basic'" in res.output
 
 
 @pytest.mark.gpu

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from medseg.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
+from medseg.files import atomic_path
 from medseg.labels import LabelTable, sidecar_path
 from medseg.volume import SourceReferences, Volume
 
@@ -210,26 +210,20 @@ def save_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     elif array.dtype == np.float64:
         array = array.astype(np.float32)
     out = Volume(array, volume.affine, modality=volume.modality, labels=volume.labels)
-    tmp = p.with_name(f".{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        if suffix in _NIFTI:
-            import nibabel as nib
+        with atomic_path(p, keep_suffix=suffix) as tmp:
+            if suffix in _NIFTI:
+                import nibabel as nib
 
-            nib.save(out.to_nibabel(), str(tmp))
-        else:
-            import SimpleITK as sitk
+                nib.save(out.to_nibabel(), str(tmp))
+            else:
+                import SimpleITK as sitk
 
-            sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=True)
-        os.replace(tmp, p)
+                sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=True)
         if volume.labels is not None:
-            side = sidecar_path(p)
-            side_tmp = side.with_name(side.name + ".tmp")
-            volume.labels.save(side_tmp)
-            os.replace(side_tmp, side)
+            volume.labels.save(sidecar_path(p))
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"{p}: could not write ({type(exc).__name__}: {exc}).") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return p

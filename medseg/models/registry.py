@@ -14,7 +14,6 @@ package or the network.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from medseg.models.cards import (
     WindowSpec,
     load_card,
 )
+from medseg.schema import did_you_mean
 
 __all__ = ["ModelListing", "find_model", "is_bundle", "list_models", "load_bundle", "shipped_dir"]
 
@@ -151,11 +151,10 @@ def find_model(name_or_path: str | Path, *, models_dirs: Sequence[str | Path] = 
         if card.name == name or (card.source is not None and card.source.stem == name):
             return card
     names = [c.name for c in listing.cards]
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    hint = did_you_mean(name, names, n=3, cutoff=0.5)
     broken = f" ({len(listing.problems)} entries could not be read: {listing.problems[0]})" if listing.problems else ""
     raise ModelNotFoundError(
-        f"No model named {name!r}.{hint} Known models: {', '.join(names) or 'none'}{broken}. Give a card path, a "
+        f"No model named {name!r}{hint}. Known models: {', '.join(names) or 'none'}{broken}. Give a card path, a "
         "bundle folder, or --models-dir FOLDER."
     )
 
