@@ -32,6 +32,7 @@ __all__ = [
     "RecipeError",
     "RegionError",
     "ResultsLayoutError",
+    "SegmentationCancelledError",
     "UnknownNetworkError",
     "UnreadableFileError",
     "UnsafeCheckpointError",
@@ -158,3 +159,7 @@ class ResultsLayoutError(MedsegError, ValueError):
 
 class RecipeError(MedsegError, ValueError):
     """A training recipe (YAML) or its dataset manifest is missing, malformed or names files that do not exist."""
+
+
+class SegmentationCancelledError(MedsegError, RuntimeError):
+    """A segmentation was cancelled through its ``cancel`` hook before it finished (nothing was returned)."""
