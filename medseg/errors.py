@@ -33,6 +33,7 @@ __all__ = [
     "RecipeError",
     "RegionError",
     "ResultsLayoutError",
+    "SegmentationCancelledError",
     "UnknownNetworkError",
     "UnreadableFileError",
     "UnsafeCheckpointError",
@@ -164,3 +165,7 @@ class RecipeError(MedsegError, ValueError):
 class ManifestError(MedsegError, ValueError):
     """A manifest (JSON, CSV, MSD dataset.json) cannot be read, names files outside its root or that do not exist,
     repeats a case id, or a file's sha256 differs from the one it records."""
+
+
+class SegmentationCancelledError(MedsegError, RuntimeError):
+    """A segmentation was cancelled through its ``cancel`` hook before it finished (nothing was returned)."""
