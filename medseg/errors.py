@@ -11,9 +11,11 @@ __all__ = [
     "ChannelCountError",
     "CheckpointMismatchError",
     "ChecksumMismatchError",
+    "DicomSegError",
     "DicomSeriesError",
     "DicomWriteError",
     "DuplicateSlicesError",
+    "EmptySegmentationError",
     "GantryTiltError",
     "GeometryError",
     "GridMismatchError",
@@ -29,11 +31,14 @@ __all__ = [
     "NoImageSeriesError",
     "NonUniformSpacingError",
     "NotVolumetricError",
+    "OverlappingSegmentsError",
     "PhantomError",
     "RecipeError",
     "RegionError",
     "ResultsLayoutError",
+    "SegmentCodeError",
     "SegmentationCancelledError",
+    "SourceUidError",
     "UnknownNetworkError",
     "UnreadableFileError",
     "UnsafeCheckpointError",
@@ -169,3 +174,23 @@ class ManifestError(MedsegError, ValueError):
 
 class SegmentationCancelledError(MedsegError, RuntimeError):
     """A segmentation was cancelled through its ``cancel`` hook before it finished (nothing was returned)."""
+
+
+class DicomSegError(MedsegError, ValueError):
+    """A DICOM SEG cannot be written from these labels and source, or read as asked."""
+
+
+class SegmentCodeError(DicomSegError, LookupError):
+    """Labels have no coded concept (category, type) for DICOM SEG; the message lists them and how to give codes."""
+
+
+class SourceUidError(DicomSegError):
+    """The source series has blank, missing or duplicate UIDs a DICOM SEG must reference (see ``repair_uids``)."""
+
+
+class EmptySegmentationError(DicomSegError):
+    """A label map holds no labelled voxel, so there is no segment to write."""
+
+
+class OverlappingSegmentsError(DicomSegError):
+    """Segments of a DICOM SEG overlap, so they cannot be one label map (read them with ``split=True``)."""

@@ -49,7 +49,7 @@ from medseg.errors import (
     NonUniformSpacingError,
     UnreadableFileError,
 )
-from medseg.io.convert import LPS_TO_RAS
+from medseg.geometry import LPS_TO_RAS
 from medseg.volume import SourceReferences, Volume
 
 __all__ = ["SeriesInfo", "is_dicom_file", "list_series", "load_dicom_file", "load_dicom_series"]
@@ -799,6 +799,8 @@ def _build_volume(frames: list[_Frame], where: str) -> Volume:
         frame_of_reference_uid=_str(ds, "FrameOfReferenceUID") or None,
         sop_class_uid=_sop_class(ds) or None,
         series_description=_str(ds, "SeriesDescription") or None,
+        positions_mm=tuple((-float(f.position[0]), -float(f.position[1]), float(f.position[2]))  # LPS → RAS
+                           for f in frames if f.position is not None) if first.position is not None else (),
     )
     # (k, j, i) stacked → (i, j, k): a transposed view, no copy.
     return Volume(out.transpose(2, 1, 0), LPS_TO_RAS @ lps, modality=modality, source=source)

@@ -29,6 +29,7 @@ _ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
 READ_FORMATS = (
     "a folder of DICOM files (any names, subfolders included)",
     "a single DICOM file (.dcm or no extension; enhanced multi-frame included)",
+    "DICOM SEG (BINARY, FRACTIONAL, LABELMAP; any file name): a label map with its label table",
     "NIfTI (.nii, .nii.gz)",
     "NRRD (.nrrd, .nhdr)",
     "MetaImage (.mha, .mhd)",
@@ -180,6 +181,10 @@ def _load(p: Path, *, series_uid: str | None) -> Volume:
     elif _suffix(p, _ITK):
         volume = _load_itk(p)
     elif p.suffix.lower() in (".dcm", ".dicom", ".ima", "") or dicom.is_dicom_file(p):
+        from medseg.io import dicom_seg
+
+        if dicom_seg.is_dicom_seg(p):
+            return dicom_seg.load_segmentation(p)
         return dicom.load_dicom_file(p)
     else:
         raise UnsupportedFormatError(
@@ -277,7 +282,7 @@ def save_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     suffix = _suffix(p, WRITE_SUFFIXES)
     if suffix is None:
         raise UnsupportedFormatError(
-            f"{p}: cannot write {p.suffix!r}; medseg writes " + ", ".join(WRITE_SUFFIXES) + " (DICOM SEG via medseg.io)."
+            f"{p}: cannot write {p.suffix!r}; medseg writes " + ", ".join(WRITE_SUFFIXES) + " (DICOM SEG: medseg.io.write_dicom_seg)."
         )
     if not p.parent.exists():
         raise UnreadableFileError(f"{p}: folder {p.parent} does not exist.")
