@@ -28,6 +28,7 @@ __all__ = [
     "ModelCardError",
     "ModelNotFoundError",
     "MultipleSeriesError",
+    "MultipleVolumesError",
     "NoImageSeriesError",
     "NonUniformSpacingError",
     "NotVolumetricError",
@@ -69,6 +70,11 @@ class NoImageSeriesError(DicomSeriesError):
 
 class MultipleSeriesError(DicomSeriesError):
     """A folder holds several image series and none was chosen."""
+
+
+class MultipleVolumesError(DicomSeriesError):
+    """A DICOM file or series holds several volumes at the same slice positions (echoes, time points, magnitude
+    and field map) and none was chosen, or the chosen number does not exist."""
 
 
 class MissingSlicesError(DicomSeriesError):
