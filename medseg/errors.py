@@ -29,6 +29,7 @@ __all__ = [
     "NoImageSeriesError",
     "NonUniformSpacingError",
     "NotVolumetricError",
+    "OptionError",
     "PhantomError",
     "RecipeError",
     "RegionError",
@@ -38,6 +39,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedFormatError",
     "WeightsError",
+    "WorkflowError",
 ]
 
 
@@ -164,3 +166,11 @@ class RecipeError(MedsegError, ValueError):
 class ManifestError(MedsegError, ValueError):
     """A manifest (JSON, CSV, MSD dataset.json) cannot be read, names files outside its root or that do not exist,
     repeats a case id, or a file's sha256 differs from the one it records."""
+
+
+class WorkflowError(MedsegError, ValueError):
+    """A workflow recipe or a batch run's options cannot be honoured (bad field, unavailable output or executor)."""
+
+
+class OptionError(MedsegError, ValueError):
+    """An option given to a medseg function (or a CLI flag) is out of range or of the wrong kind."""
