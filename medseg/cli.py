@@ -481,7 +481,7 @@ def manifest_make(
         fail(exc)
         return
     labelled = len(manifest.labelled())
-    console.print(f"wrote {written}: {len(manifest)} case(s), {labelled} with reference labels", highlight=False)
+    console.print(f"wrote {written}: {len(manifest)} case(s), {labelled} with reference labels", highlight=False, soft_wrap=True)
 
 
 @manifest_app.command("check")
@@ -502,7 +502,7 @@ def manifest_check(
     else:
         for p in result.problems:
             err_console.print(f"[red]{p.kind}[/] {p.case_id or '-'}: {p.message}", highlight=False, soft_wrap=True)
-        console.print(f"{manifest}: {result.n_cases} case(s), {len(result.problems)} problem(s)", highlight=False)
+        console.print(f"{manifest}: {result.n_cases} case(s), {len(result.problems)} problem(s)", highlight=False, soft_wrap=True)
     if any(p.kind == "unreadable-manifest" for p in result.problems):
         raise typer.Exit(2)
     if result.problems:
@@ -554,11 +554,11 @@ def _present_run(run: Any, *, quiet: bool, log_json: bool) -> Any:
                                      "failed_cases": [r.case_id for r in result.failed]}) + "\n")
     elif not quiet:
         console.print(f"{result.count('done')} done, {result.count('skipped')} skipped (already done), {n_failed} "
-                      f"failed in {result.seconds:.1f} s; results in {result.out_dir}", highlight=False)
+                      f"failed in {result.seconds:.1f} s; results in {result.out_dir}", highlight=False, soft_wrap=True)
         for name, p in (("statistics", result.statistics_csv), ("metrics", result.metrics_csv),
                         ("report", result.report_html), ("run record", result.run_record)):
             if p is not None:
-                console.print(f"  {name:<11} {p}", highlight=False)
+                console.print(f"  {name:<11} {p}", highlight=False, soft_wrap=True)
     if n_failed:
         err_console.print(f"{n_failed} case(s) failed: {', '.join(r.case_id for r in result.failed)} (each case's "
                           "status.json says why)", highlight=False, soft_wrap=True)
@@ -603,6 +603,7 @@ def batch_cmd(
                                                    report=report),
                              executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
                              include_phi=include_phi)
+        options.check_available()
         manifest = load_manifest_or_folder(inputs)
     except MedsegError as exc:
         fail(exc)
@@ -647,7 +648,7 @@ def main() -> None:
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        err_console.print("interrupted", highlight=False)
+        err_console.print("interrupted", highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
     except Exception as exc:
         if debug:

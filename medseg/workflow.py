@@ -209,6 +209,24 @@ class RunOptions:
         if self.torch_threads is not None and self.torch_threads < 1:
             raise WorkflowError(f"torch_threads must be at least 1, not {self.torch_threads}.")
 
+    def check_available(self) -> None:
+        """Check that this installation can honour the options (DICOM SEG writer, dask.distributed).
+
+        Raises
+        ------
+        WorkflowError
+            Naming what is missing and what to do.
+        """
+        if self.outputs.dicom_seg and _dicom_seg_writer() is None:
+            raise WorkflowError("DICOM SEG output was asked for (dicom_seg / --dicom-seg) but is not available in "
+                                "this medseg installation yet (medseg.io.dicom_seg.write_dicom_seg is missing); run "
+                                "without it, or update medseg.")
+        if self.executor == "dask" or self.scheduler:
+            try:
+                import distributed  # noqa: F401
+            except ImportError:
+                raise WorkflowError("the Dask executor needs dask.distributed: pip install 'medseg[dask]'.") from None
+
     def result_options(self) -> dict[str, Any]:
         """The options that change a case's outputs (recorded, and compared when a rerun decides to skip)."""
         out = asdict(self.outputs)
@@ -240,6 +258,14 @@ class CaseRecord:
         Things the case did not produce and why (e.g. DICOM SEG for a NIfTI input).
     phi : mapping or None
         Patient name, ID and birth date (only with ``include_phi``).
+    model, options, versions, device :
+        What produced the outputs (model name, version and sha256; the result options; library versions).
+    worker : str or None
+        The Dask worker that ran the case.
+    run_id : str or None
+        The run that wrote the record (a Dask task retried within one run finds its own record: "done").
+    model_loads : int
+        How many times the process that ran the case had loaded a model until then (1: loaded once, kept).
     """
 
     case_id: str
@@ -256,6 +282,8 @@ class CaseRecord:
     versions: Mapping[str, str] = field(default_factory=dict)
     device: str | None = None
     worker: str | None = None
+    run_id: str | None = None
+    model_loads: int = 0
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -383,10 +411,12 @@ class _Plan:
     model: Mapping[str, Any]
     versions: Mapping[str, str]
     root: Path
+    run_id: str = ""
 
 
 _SEGMENTERS: dict[tuple[Any, ...], Any] = {}
 _SEGMENTER_LOCK = threading.Lock()
+_MODEL_LOADS = [0]  # models loaded by this process (recorded per case: a worker loads its model once)
 
 
 def _segmenter(options: RunOptions) -> Segmenter:
@@ -410,6 +440,7 @@ def _segmenter(options: RunOptions) -> Segmenter:
             if options.tta:
                 changes["tta"] = True
             _SEGMENTERS.clear()  # one model per process
+            _MODEL_LOADS[0] += 1
             _SEGMENTERS[key] = Segmenter(options.model, models_dirs=list(options.models_dirs), options=base,
                                          **changes)
         return _SEGMENTERS[key]  # type: ignore[no-any-return]
@@ -499,7 +530,7 @@ def _failed(case: Case, exc: BaseException, plan: _Plan, digests: Mapping[str, s
         logger.debug("case %s: unexpected error", case.case_id, exc_info=exc)
     return CaseRecord(case.case_id, "failed", dict(digests), {}, dict(timings), _scrub(text, plan, case), kind,
                       model=dict(plan.model), options=plan.options.result_options(), versions=dict(plan.versions),
-                      device=plan.options.device, worker=worker)
+                      device=plan.options.device, worker=worker, run_id=plan.run_id, model_loads=_MODEL_LOADS[0])
 
 
 def _write_csv(path: Path, text: str) -> None:
@@ -538,6 +569,8 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
     case = loaded.case
     timings = dict(loaded.timings)
     if loaded.skipped is not None:
+        if loaded.skipped.run_id == plan.run_id:  # a Dask retry of a task whose first try had finished
+            return loaded.skipped
         return replace(loaded.skipped, state="skipped")
     folder = plan.out_dir / case.case_id
     t_start = time.perf_counter()
@@ -596,7 +629,7 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         record = CaseRecord(case.case_id, "done", loaded.digests, outputs, {k: round(v, 4) for k, v in timings.items()},
                             notes=tuple(notes), phi=phi, model=dict(plan.model),
                             options=plan.options.result_options(), versions=dict(plan.versions),
-                            device=seg.device, worker=worker)
+                            device=seg.device, worker=worker, run_id=plan.run_id, model_loads=_MODEL_LOADS[0])
     except Exception as exc:  # noqa: BLE001 - a failing case is recorded and the run goes on
         timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
             time.perf_counter() - t_start)
@@ -715,18 +748,6 @@ def load_manifest_or_folder(path: str | Path) -> Manifest:
     return read_manifest(p, check_files=False)
 
 
-def _check_before_run(options: RunOptions) -> None:
-    if options.outputs.dicom_seg and _dicom_seg_writer() is None:
-        raise WorkflowError("DICOM SEG output was asked for (dicom_seg / --dicom-seg) but is not available in this "
-                            "medseg installation yet (medseg.io.dicom_seg.write_dicom_seg is missing); run without "
-                            "it, or update medseg.")
-    if options.executor == "dask" or options.scheduler:
-        try:
-            import distributed  # noqa: F401
-        except ImportError:
-            raise WorkflowError("the Dask executor needs dask.distributed: pip install 'medseg[dask]'.") from None
-
-
 def _combine_csv(records: Sequence[CaseRecord], out_dir: Path, name: str, target: str, phi: bool) -> Path | None:
     """One CSV over the cases' ``name`` files, with ``case_id`` first (PHI columns only with include_phi)."""
     header: list[str] | None = None
@@ -803,7 +824,7 @@ def run_batch(
     options = options or RunOptions()
     if options.scheduler and options.executor != "dask":
         options = replace(options, executor="dask")
-    _check_before_run(options)
+    options.check_available()
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -813,7 +834,9 @@ def run_batch(
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     card = _segmenter(options).card if options.executor == "local" else _find_card(options)
-    plan = _Plan(out, options, _model_identity(card), versions(), manifest.root)
+    import uuid
+
+    plan = _Plan(out, options, _model_identity(card), versions(), manifest.root, uuid.uuid4().hex)
     for p in remove_partials(out):
         logger.info("removed a temporary file a killed run left: %s", p.relative_to(out))
     cases = manifest.cases
@@ -845,6 +868,7 @@ def run_batch(
     seconds = time.perf_counter() - t0
     run_record = {
         "record_version": RECORD_VERSION,
+        "run_id": plan.run_id,
         "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 3),
@@ -854,7 +878,8 @@ def run_batch(
         "device": next((r.device for r in records if r.device), options.device),
         "counts": {"total": total, **counts},
         "cases": [{"case_id": r.case_id, "state": r.state, "timings_s": dict(r.timings_s), "error": r.error,
-                   "worker": r.worker, **({"phi": dict(r.phi)} if r.phi else {})} for r in records],
+                   "worker": r.worker, "model_loads": r.model_loads, **({"phi": dict(r.phi)} if r.phi else {})}
+                  for r in records],
         "outputs": {"statistics_csv": stats_path and stats_path.name, "metrics_csv": metrics_path and metrics_path.name,
                     "report_html": report_path and report_path.name},
     }
