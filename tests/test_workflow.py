@@ -103,6 +103,9 @@ def test_bad_cases_are_recorded_and_the_run_exits_3_with_the_count(studies: Path
     run = json.loads((out / "run.json").read_text())
     assert run["counts"] == {"total": 7, "done": 2, "failed": 5, "skipped": 0}
     assert (out / "good-11" / "metrics.csv").is_file() and (out / "statistics.csv").is_file()
+    from medseg.report import find_cases  # the report reads the runner's layout: the done cases
+
+    assert [c.case_id for c in find_cases(out)] == ["good-11", "good-12"] and (out / "report.html").is_file()
     assert not _partials(out)
 
 
