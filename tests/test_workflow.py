@@ -140,7 +140,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_labels_and_no_partial_files(
 
     for p in out.glob("*/pred.nii.gz"):
         assert load_volume(p).shape == SHAPE
-    rerun = subprocess.run(cmd + ["--log-json"], capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run([*cmd, "--log-json"], capture_output=True, text=True, timeout=600, check=False)
     assert rerun.returncode == 0, rerun.stderr
     events = [json.loads(line) for line in rerun.stdout.splitlines()]
     states = {e["case_id"]: e["state"] for e in events if e["event"] == "case"}
@@ -292,13 +292,13 @@ def test_workflow_recipe_errors_name_the_field(tmp_path: Path) -> None:
 
 def test_cli_user_errors_print_one_line_and_no_traceback(tmp_path: Path) -> None:
     """`medseg evaluate P R --nsd-tolerance -1` used to print a traceback."""
-    from medseg.phantom import make_phantom
     from medseg.io import save_volume
+    from medseg.phantom import make_phantom
 
     p = make_phantom(0, shape=(20, 18, 12))
     save_volume(p.labels, tmp_path / "l.nii.gz")
     proc = subprocess.run([*MEDSEG, "evaluate", str(tmp_path / "l.nii.gz"), str(tmp_path / "l.nii.gz"),
-                           "--nsd-tolerance", "-1"], capture_output=True, text=True, timeout=120)
+                           "--nsd-tolerance", "-1"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "nsd_tolerance_mm (--nsd-tolerance) must be a finite number >= 0" in proc.stderr
     res = runner.invoke(app, ["batch", str(tmp_path / "nothing"), "--model", "ct-basic", "--out", str(tmp_path)])
