@@ -32,6 +32,7 @@ __all__ = [
     "NoImageSeriesError",
     "NonUniformSpacingError",
     "NotVolumetricError",
+    "OptionError",
     "OverlappingSegmentsError",
     "PhantomError",
     "RecipeError",
@@ -45,6 +46,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedFormatError",
     "WeightsError",
+    "WorkflowError",
 ]
 
 
@@ -200,3 +202,11 @@ class EmptySegmentationError(DicomSegError):
 
 class OverlappingSegmentsError(DicomSegError):
     """Segments of a DICOM SEG overlap, so they cannot be one label map (read them with ``split=True``)."""
+
+
+class WorkflowError(MedsegError, ValueError):
+    """A workflow recipe or a batch run's options cannot be honoured (bad field, unavailable output or executor)."""
+
+
+class OptionError(MedsegError, ValueError):
+    """An option given to a medseg function (or a CLI flag) is out of range or of the wrong kind."""

@@ -106,5 +106,5 @@ def test_folder_sha256_covers_every_file(tmp_path: Path) -> None:
 
 def test_shipped_sample_manifest_is_valid() -> None:
     m = read_manifest(ROOT / "data_manifests" / "sample-data.json")  # every sha256 checked; no path leaves root
-    assert len(m) == 5 and all(c.image.exists() and c.label is not None and c.label.exists() for c in m.cases)
+    assert len(m) == 6 and all(c.image.exists() and c.label is not None and c.label.exists() for c in m.cases)
     assert m.cases[0].case_id == "msd-spleen2"
