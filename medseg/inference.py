@@ -341,13 +341,16 @@ class Segmenter:
         logger.warning("%s Running anyway (the card says modality_check: warn).", msg)
 
     # ---- running ------------------------------------------------------------------------------------------
-    def segment(self, volume: Volume | str | Path, *, probabilities: bool = False) -> Segmentation:
+    def segment(
+        self, volume: Volume | str | Path | Sequence[Volume | str | Path], *, probabilities: bool = False
+    ) -> Segmentation:
         """Segment one volume.
 
         Parameters
         ----------
-        volume : Volume or path
-            A volume, shape (I, J, K) or (I, J, K, C), or a path :func:`medseg.io.load_volume` reads.
+        volume : Volume, path, or a sequence of them
+            A volume, shape (I, J, K) or (I, J, K, C), or a path :func:`medseg.io.load_volume` reads; for a
+            multi-channel model also one scan per channel (see :meth:`combine_channels`).
         probabilities : bool
             Also return per-class probabilities on the input grid (costs classes × voxels × 4 bytes).
 
@@ -361,8 +364,8 @@ class Segmenter:
         ModalityMismatchError, NotVolumetricError, ChannelCountError
             For a volume the model cannot take.
         """
-        if isinstance(volume, (list, tuple)):
-            volume = self.combine_channels(volume)
+        if not isinstance(volume, (Volume, str, Path)):
+            volume = self.combine_channels(list(volume))
         if not isinstance(volume, Volume):
             from medseg.io import load_volume
 

@@ -55,7 +55,10 @@ __all__ = [
     "BundleSpec",
     "PatchMergingV14",
     "build_bundle",
+    "bundle_card",
     "bundle_config_path",
+    "bundle_weights_path",
+    "check_md5",
     "is_bundle",
     "read_bundle",
 ]
@@ -679,17 +682,51 @@ def build_bundle(spec: BundleSpec, *, device: Any = None) -> BuiltBundle:
         raise UnsupportedBundleError(f"{spec.config_path}: {len(inv)} Invertd transforms; medseg runs one.")
     invert = post[inv[0]] if inv else None
     before, after = (post[:inv[0]], post[inv[0] + 1:]) if inv else (post, [])
-    if load_path is None:
-        weights = next((spec.root / "models" / n for n in ("model.pt", "model.ts")
-                        if (spec.root / "models" / n).is_file()), spec.root / "models" / "model.pt")
-    else:
-        weights = Path(str(load_path))
-        if not weights.is_absolute():
-            weights = spec.root / weights
+    weights = _resolve_weights(spec, load_path)
     image_key = str(invert.orig_keys[0]) if invert is not None else next(
         (str(next(iter(t.keys))) for t in pre if hasattr(t, "keys") and getattr(t, "keys", None)), "image")
     pred_key = str(invert.keys[0]) if invert is not None else "pred"
     return BuiltBundle(network, pre, inferer, before, after, invert, weights, amp, image_key, pred_key, spec)
+
+
+def _resolve_weights(spec: BundleSpec, load_path: Any) -> Path:
+    if load_path is None:
+        return next((spec.root / "models" / n for n in ("model.pt", "model.ts")
+                     if (spec.root / "models" / n).is_file()), spec.root / "models" / "model.pt")
+    weights = Path(str(load_path))
+    return weights if weights.is_absolute() else spec.root / weights
+
+
+def bundle_weights_path(spec: BundleSpec) -> Path:
+    """The weights file the bundle's checkpoint loader names (only that checked expression is evaluated).
+
+    Raises
+    ------
+    ModelCardError
+        If the path cannot be evaluated.
+    """
+    from monai.bundle import ConfigParser
+
+    from medseg.models.bundle_safety import split_id
+
+    keep: dict[str, Any] = {}
+    todo = [_LOAD_KEY]
+    while todo:  # the load path and what it references (all checked by select_config)
+        key = todo.pop()
+        if key in keep or key not in spec.safe.config:
+            continue
+        keep[key] = spec.safe.config[key]
+        import re
+
+        todo += [split_id(r)[0] for r in re.findall(r"@([\w#:]+)", json.dumps(keep[key]))]
+    keep["bundle_root"] = str(spec.root)
+    try:
+        value = ConfigParser(keep, globals={"torch": "torch", "np": "numpy", "numpy": "numpy"}).get_parsed_content(
+            _LOAD_KEY)
+    except Exception as exc:  # noqa: BLE001 - the bundle's expression
+        raise ModelCardError(f"{spec.config_path}: cannot evaluate the checkpoint path ({type(exc).__name__}: "
+                             f"{exc}).") from None
+    return _resolve_weights(spec, value)
 
 
 def check_md5(spec: BundleSpec, weights: Path) -> None:

@@ -70,10 +70,11 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 class _Checker:
-    def __init__(self, expr: str, where: str, source: str) -> None:
-        self.expr, self.where, self.source = expr, where, source
+    def __init__(self, expr: str, where: str, source: str, refs: list[str]) -> None:
+        self.expr, self.where, self.source, self.refs = expr, where, source, refs
 
     def fail(self, what: str) -> UnsafeBundleError:
+        what = re.sub(r"medseg_ref_(\d+)", lambda m: "@" + self.refs[int(m.group(1))], what)
         return UnsafeBundleError(
             f"{self.source}: key '{self.where}': the expression {self.expr!r} {what}. medseg evaluates only "
             "literals, @references, arithmetic, comparisons, conditionals, subscripts, len/list/range, "
@@ -155,6 +156,8 @@ class _Checker:
                         raise self.fail("calls torch.load without weights_only=True")
                     if kw.arg not in ("map_location", "weights_only"):
                         raise self.fail(f"passes {kw.arg!r} to torch.load")
+        elif dotted is None and isinstance(func, ast.Attribute):
+            raise self.fail(f"calls the method {func.attr!r} of a computed value")
         else:
             raise self.fail(f"calls {dotted or type(func).__name__!r}")
         for a in node.args:
@@ -182,7 +185,7 @@ def check_expression(expr: str, *, where: str, source: str) -> list[str]:
         return f"medseg_ref_{len(refs) - 1}"
 
     text = _REF.sub(sub, expr)
-    checker = _Checker(expr, where, source)
+    checker = _Checker(expr, where, source, refs)
     if "__" in text:
         raise checker.fail("names a dunder (double underscore)")
     try:

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medseg.errors import MedsegError, ModelNotFoundError
 from medseg.models.cards import (
@@ -28,7 +29,7 @@ from medseg.models.cards import (
     load_card,
 )
 
-__all__ = ["ModelListing", "find_model", "is_bundle", "list_models", "load_bundle", "shipped_dir"]
+__all__ = ["ModelListing", "describe_model", "find_model", "is_bundle", "list_models", "load_bundle", "shipped_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +179,53 @@ def load_bundle(path: str | Path, *, trust_code: bool = False) -> ModelCard:
 
     card: ModelCard = bundle_card(path, trust_code=trust_code)
     return card
+
+
+def describe_model(card: ModelCard) -> dict[str, Any]:
+    """Everything ``medseg models show`` prints: source, licence, labels, channels, versions, the weights file and
+    its sha256, and for a MONAI bundle what medseg runs of it and what it does not.
+
+    The weights' sha256 is computed from the file. For a bundle, only its checked checkpoint path is evaluated
+    (see :mod:`medseg.models.bundle_safety`); nothing else of it runs.
+
+    Raises
+    ------
+    ModelCardError
+        If a bundle's checkpoint path cannot be evaluated.
+    """
+    from medseg.models.weights import sha256_file
+
+    info: dict[str, Any] = {} if card.kind == "bundle" else card.summary()
+    info.update({
+        "name": card.name,
+        "kind": card.kind,
+        "origin": card.origin,
+        "source": str(card.source) if card.source else None,
+        "description": card.description,
+        "licence": card.provenance.get("licence") or card.provenance.get("license"),
+        "modality": list(card.modality),
+        "input_channels": card.input_channels,
+        "channel_names": list(card.channel_names),
+        "labels": None if card.labels is None else card.labels.to_json()["labels"],
+        "versions": {"model": card.version},
+    })
+    weights: Path | None = card.weights.path if card.weights else None
+    if card.kind == "bundle" and card.bundle is not None:
+        from medseg.models.bundle import bundle_weights_path
+
+        spec = card.bundle
+        weights = bundle_weights_path(spec)
+        info["licence"] = spec.licence
+        info["versions"].update({"monai_version (bundle)": spec.monai_version,
+                                 "pytorch_version (bundle)": card.provenance.get("pytorch_version")})
+        info["config"] = str(spec.config_path)
+        info["labels_from"] = spec.label_source
+        info["medseg_runs"] = spec.will_run()
+        info["md5 (large_files.yml)"] = dict(spec.md5) or None
+    if weights is not None:
+        info["weights"] = {"file": str(weights), "exists": weights.is_file(),
+                           "sha256": sha256_file(weights) if weights.is_file() else None,
+                           "sha256 (card)": card.weights.sha256 if card.weights else None}
+    else:
+        info["weights"] = None
+    return info
