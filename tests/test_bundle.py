@@ -88,6 +88,15 @@ def test_multichannel_files_matched_by_name_and_4d_file(tmp_path: Path) -> None:
     by_name = seg.segment(shuffled).labels
     np.testing.assert_array_equal(by_name.array, whole.array)
     np.testing.assert_allclose(by_name.affine, whole.affine, atol=1e-6)
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from medseg.io import load_volume
+
+    res = CliRunner().invoke(app, ["segment", *map(str, shuffled), "--model", str(bundle), "--device", "cpu",
+                                   "--out", str(tmp_path / "cli.nii.gz")])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(load_volume(tmp_path / "cli.nii.gz").array, whole.array)
     with pytest.raises(ChannelCountError, match="takes 4 input channel"):
         seg.segment(shuffled[:3])
     with pytest.raises(ChannelCountError, match="takes 4 input channel.*got 1"):
