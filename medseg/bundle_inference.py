@@ -244,6 +244,58 @@ def as_meta(values: Any, like: Any) -> Any:
     return out
 
 
+def _chunkable(transforms: list[Any], key: str) -> bool:
+    """True if every transform is voxelwise and touches only ``key``."""
+    for t in transforms:
+        if type(t).__name__ not in VOXELWISE or type(t).__name__ in ("CopyItemsd", "DeleteItemsd"):
+            return False
+        if list(getattr(t, "keys", [key]) or [key]) != [key]:
+            return False
+    return True
+
+
+def run_before_invert(built: BuiltBundle, data: dict[str, Any], plan: InversionPlan, *, slab_bytes: int) -> dict[
+        str, Any]:
+    """The postprocessing before ``Invertd``, on the network grid.
+
+    When it is voxelwise on the prediction alone (softmax, argmax, thresholds: the usual case) it runs chunk by
+    chunk along the first spatial axis, so that e.g. a 105-class softmax never exists beside the logits; the
+    chunks see exactly what the whole tensor would (every operation is per voxel over the channels).
+    """
+    import torch
+
+    from medseg.errors import ModelCardError
+
+    key = built.pred_key
+    transforms = built.before_invert
+    if not transforms:
+        return data
+
+    def run(d: dict[str, Any]) -> dict[str, Any]:
+        for t in transforms:
+            try:
+                d = t(d)
+            except Exception as exc:  # noqa: BLE001 - the bundle's transform
+                raise ModelCardError(f"{built.spec.config_path}: postprocessing {type(t).__name__} failed "
+                                     f"({type(exc).__name__}: {exc}).") from None
+        return d
+
+    pred = data[key]
+    if not _chunkable(transforms, key) or pred.ndim != 4:
+        return run(data)
+    values = pred.as_tensor() if hasattr(pred, "as_tensor") else torch.as_tensor(pred)
+    plane = int(values.shape[0] * values.shape[2] * values.shape[3] * values.element_size())
+    step = max(1, slab_bytes // max(1, plane))
+    parts = []
+    for i0 in range(0, values.shape[1], step):
+        res = run({key: values[:, i0:i0 + step]})[key]
+        parts.append(res.as_tensor() if hasattr(res, "as_tensor") else torch.as_tensor(res))
+    del values
+    out = dict(data)
+    out[key] = as_meta(torch.cat(parts, dim=1), pred)
+    return out
+
+
 def _network_grid_for_sampling(values: torch.Tensor, plan: InversionPlan) -> tuple[torch.Tensor, np.ndarray]:
     """``values`` on the network grid → the same values on a grid to sample with border clamping, so that
     sampling it equals MONAI's inverse (crops: zero padding inside the resampled grid; pads: cropped off)."""
@@ -279,8 +331,11 @@ def invert_bundle_output(
 
     Returns
     -------
-    ndarray, shape (C, I, J, K)
-        What MONAI's postprocessing would hand to ``SaveImaged`` (channel-first), on the input grid.
+    ndarray, shape (I, J, K) or (C, I, J, K)
+        Integer labels (uint8/uint16) when the output has one channel and the transforms after ``Invertd`` are
+        voxelwise (assembled slab by slab; values rounded to whole labels with a warning when the bundle
+        interpolated label values), else what MONAI's postprocessing would hand to ``SaveImaged``
+        (channel-first), on the input grid.
 
     Raises
     ------
@@ -322,7 +377,9 @@ def invert_bundle_output(
     for t in built.after_invert:
         (per_slab if not whole and type(t).__name__ in VOXELWISE else whole).append(t)
     out: np.ndarray | None = None
-    in_shape = tuple(volume.shape)
+    labels: np.ndarray | None = None
+    non_integer = 0
+    in_shape = tuple(volume.shape[:3])
     for k0, k1, slab in resample_slabs(grid_values, grid_affine, np.asarray(volume.affine, dtype=np.float64),
                                        in_shape, mode=mode, padding_mode=padding, slab_bytes=slab_bytes):
         d: dict[str, Any] = {key: slab}
@@ -340,10 +397,28 @@ def invert_bundle_output(
                 f"{tuple(slab.shape)} to {tuple(res.shape)}; medseg runs only voxelwise transforms there slab by "
                 "slab."
             )
+        res = res.cpu()
+        if not whole and res.shape[0] == 1:  # straight to integer labels: never a full-resolution float volume
+            lab = torch.round(res[0].to(torch.float64)) if res.is_floating_point() else res[0]
+            if res.is_floating_point():
+                non_integer += int((lab != res[0]).sum())
+            if lab.numel() and float(lab.min()) < 0:
+                raise UnsupportedBundleError(f"{built.spec.config_path}: the bundle's output has negative values; "
+                                             "not a label map.")
+            if labels is None:
+                labels = np.zeros(in_shape, dtype=np.uint16)
+            labels[..., k0:k1] = lab.numpy().astype(np.uint16)
+            continue
         if out is None:
             np_dtype = res.numpy().dtype if res.dtype != torch.bfloat16 else np.float32
             out = np.zeros((res.shape[0], *in_shape), dtype=np_dtype)
-        out[..., k0:k1] = res.cpu().numpy()
+        out[..., k0:k1] = res.numpy()
+    if labels is not None:
+        if non_integer:
+            logger.warning("%s: %.1f%% of the output voxels are not whole label values (the bundle interpolates "
+                           "labels); rounded to the nearest label", built.spec.config_path,
+                           100 * non_integer / labels.size)
+        return labels.astype(np.uint8) if (labels.max() if labels.size else 0) <= 255 else labels
     assert out is not None
     if whole:
         from monai.data import MetaTensor

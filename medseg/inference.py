@@ -432,6 +432,7 @@ class Segmenter:
             check_channels,
             invert_bundle_output,
             preprocess,
+            run_before_invert,
             to_label_array,
             window_of,
         )
@@ -446,13 +447,13 @@ class Segmenter:
         window["amp"] = built.amp and self._device.type == "cuda"  # MONAI's evaluator autocasts on CUDA only
         logits, stats, stitched_on = self.predict(x.as_tensor().float(), window=window)
         stats["network_grid_voxels"] = int(np.prod(x.shape[1:]))
-        data[built.pred_key] = as_meta(logits.cpu(), x)
-        for t in built.before_invert:
-            data = t(data)
-        t2 = time.perf_counter()
         slab = int(self.options.slab_mb * 1024 * 1024)
+        data[built.pred_key] = as_meta(logits.cpu(), x)
+        del logits
+        data = run_before_invert(built, data, plan, slab_bytes=slab)
+        t2 = time.perf_counter()
         values = invert_bundle_output(built, data, plan, volume, slab_bytes=slab)
-        arr = to_label_array(values, source=str(card.source))
+        arr = values if values.ndim == 3 else to_label_array(values, source=str(card.source))
         t3 = time.perf_counter()
         table = card.labels
         present = [int(v) for v in np.unique(arr) if v != 0]
