@@ -21,27 +21,34 @@ __all__ = [
     "GridMismatchError",
     "InconsistentSeriesError",
     "LabelTableError",
+    "ManifestError",
     "MedsegError",
     "MissingSlicesError",
     "ModalityMismatchError",
     "ModelCardError",
     "ModelNotFoundError",
     "MultipleSeriesError",
+    "MultipleVolumesError",
     "NoImageSeriesError",
     "NonUniformSpacingError",
     "NotVolumetricError",
+    "OptionError",
     "OverlappingSegmentsError",
     "PhantomError",
     "RecipeError",
     "RegionError",
     "ResultsLayoutError",
     "SegmentCodeError",
+    "SegmentationCancelledError",
     "SourceUidError",
     "UnknownNetworkError",
     "UnreadableFileError",
+    "UnsafeBundleError",
     "UnsafeCheckpointError",
+    "UnsupportedBundleError",
     "UnsupportedFormatError",
     "WeightsError",
+    "WorkflowError",
 ]
 
 
@@ -67,6 +74,11 @@ class NoImageSeriesError(DicomSeriesError):
 
 class MultipleSeriesError(DicomSeriesError):
     """A folder holds several image series and none was chosen."""
+
+
+class MultipleVolumesError(DicomSeriesError):
+    """A DICOM file or series holds several volumes at the same slice positions (echoes, time points, magnitude
+    and field map) and none was chosen, or the chosen number does not exist."""
 
 
 class MissingSlicesError(DicomSeriesError):
@@ -117,6 +129,16 @@ class ModelCardError(MedsegError, ValueError):
     """A model card (YAML) or a MONAI bundle's configs do not describe a runnable model."""
 
 
+class UnsafeBundleError(ModelCardError):
+    """A MONAI bundle config holds code medseg does not run without ``--trust-bundle-code`` (an expression or a
+    ``_target_`` outside the allow-list, a macro, the bundle's own ``scripts/`` package)."""
+
+
+class UnsupportedBundleError(ModelCardError):
+    """A MONAI bundle medseg cannot run as a segmentation model (interactive or prompted, several inputs, an
+    inferer or transform it does not reproduce)."""
+
+
 class UnknownNetworkError(ModelCardError, LookupError):
     """A model card names a network that MONAI does not provide (the message suggests the closest name)."""
 
@@ -165,6 +187,15 @@ class RecipeError(MedsegError, ValueError):
     """A training recipe (YAML) or its dataset manifest is missing, malformed or names files that do not exist."""
 
 
+class ManifestError(MedsegError, ValueError):
+    """A manifest (JSON, CSV, MSD dataset.json) cannot be read, names files outside its root or that do not exist,
+    repeats a case id, or a file's sha256 differs from the one it records."""
+
+
+class SegmentationCancelledError(MedsegError, RuntimeError):
+    """A segmentation was cancelled through its ``cancel`` hook before it finished (nothing was returned)."""
+
+
 class DicomSegError(MedsegError, ValueError):
     """A DICOM SEG cannot be written from these labels and source, or read as asked."""
 
@@ -183,3 +214,11 @@ class EmptySegmentationError(DicomSegError):
 
 class OverlappingSegmentsError(DicomSegError):
     """Segments of a DICOM SEG overlap, so they cannot be one label map (read them with ``split=True``)."""
+
+
+class WorkflowError(MedsegError, ValueError):
+    """A workflow recipe or a batch run's options cannot be honoured (bad field, unavailable output or executor)."""
+
+
+class OptionError(MedsegError, ValueError):
+    """An option given to a medseg function (or a CLI flag) is out of range or of the wrong kind."""

@@ -305,10 +305,10 @@ class LabelTable(Mapping[int, Label]):
             ) from None
 
     def save(self, path: str | Path) -> Path:
-        """Write the table as JSON to ``path``."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        """Write the table as JSON to ``path`` (atomically: a reader never sees half a table)."""
+        from medseg.files import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LabelTable:

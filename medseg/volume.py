@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
     from monai.data import MetaTensor
 
-__all__ = ["GRID_ATOL_MM", "SliceInstances", "SourceReferences", "Volume"]
+__all__ = ["GRID_ATOL_MM", "SkippedFile", "SliceInstances", "SourceReferences", "Volume"]
 
 #: Default tolerance (mm) when deciding whether two grids are the same.
 GRID_ATOL_MM = 1e-4
@@ -45,6 +45,22 @@ class SliceInstances:
 
     axis: int
     instance: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file of a DICOM folder that is not in the loaded volume, and why.
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    reason : str
+        What is wrong with it (damaged header, unreadable, contradicts the series), one line.
+    """
+
+    path: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,9 @@ class SourceReferences:
         As in the source; ``None`` or ``""`` when absent or blanked.
     series_description : str or None
         Free text from the source, for listings.
+    skipped : tuple of SkippedFile
+        Damaged files of the source folder left out because the caller asked to skip them
+        (``load_volume(..., skip_unreadable=True)``); empty otherwise.
     """
 
     files: tuple[str, ...] = ()
@@ -125,6 +144,7 @@ class SourceReferences:
             "on the source scan's grid first, e.g. medseg.resample.resample_to(labels, scan, "
             "interpolation='nearest')."
         )
+    skipped: tuple[SkippedFile, ...] = ()
 
 
 def _check_affine(affine: Any) -> np.ndarray:
@@ -258,7 +278,7 @@ class Volume:
             raise GridMismatchError(
                 f"{what} are not on the same voxel grid:\n  first:  {self.describe_grid()}\n"
                 f"  second: {other.describe_grid()}\n"
-                "Resample one onto the other first, e.g. medseg.resample_to(moving, reference, interpolation="
+                "Resample one onto the other first, e.g. medseg.resample.resample_to(moving, reference, interpolation="
                 "'nearest') for labels."
             )
 
