@@ -178,11 +178,15 @@ def models_show(
 @app.command("segment")
 def segment_cmd(
     src: Annotated[Path, typer.Argument(help="Input scan (DICOM folder/file, NIfTI, NRRD, MHA).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name, card file or MONAI bundle folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help=(
+        "Model name, card file, MONAI bundle folder or nnU-Net result folder (or its fold_N / checkpoint).")
+    )],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output labels (.nii.gz, .nii, .nrrd, .mha).")],
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
     overlap: Annotated[float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Window overlap.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation (8× slower).")] = False,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help=(
+        "Mirroring test-time augmentation (8× slower). Default: off, except for nnU-Net folders (on, as nnU-Net)."
+    ))] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help=(
         "Fast preset: mixed precision, skip air-only windows, tuned batch, nearest-neighbour label inversion."
@@ -197,8 +201,8 @@ def segment_cmd(
 
     options = InferenceOptions.fast() if fast else InferenceOptions()
     changes: dict[str, Any] = {"device": device, "overlap": overlap, "amp": amp if amp is not None else options.amp}
-    if tta:
-        changes["tta"] = True
+    if tta is not None:
+        changes["tta"] = tta
     try:
         segmenter = Segmenter(model, models_dirs=models_dir or [], options=options, **changes)
         result = segmenter.segment(load_volume(src, series_uid=series_uid))

@@ -20,6 +20,7 @@ __all__ = [
     "InconsistentSeriesError",
     "LabelTableError",
     "MedsegError",
+    "MissingDependencyError",
     "MissingSlicesError",
     "ModalityMismatchError",
     "ModelCardError",
@@ -158,3 +159,7 @@ class ResultsLayoutError(MedsegError, ValueError):
 
 class RecipeError(MedsegError, ValueError):
     """A training recipe (YAML) or its dataset manifest is missing, malformed or names files that do not exist."""
+
+
+class MissingDependencyError(MedsegError, ImportError):
+    """An optional dependency that a model kind needs (e.g. nnunetv2 for nnU-Net folders) is not installed."""
