@@ -191,11 +191,15 @@ def segment_cmd(
         "Input scan (DICOM folder/file, NIfTI, NRRD, MHA). For a multi-channel model give one scan per channel "
         "(e.g. T1C T1 T2 FLAIR: matched to the model's channel names by file name, else taken in the order given; "
         "resampled onto the first scan's grid) or one 4D file."))],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name, card file or MONAI bundle folder.")],
+    model: Annotated[str, typer.Option("--model", "-m", help=(
+        "Model name, card file, MONAI bundle folder or nnU-Net result folder (or its fold_N / checkpoint).")
+    )],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output labels (.nii.gz, .nii, .nrrd, .mha).")],
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
     overlap: Annotated[float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Window overlap.")] = None,
-    tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation (8× slower).")] = False,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help=(
+        "Mirroring test-time augmentation (8× slower). Default: off, except for nnU-Net folders (on, as nnU-Net)."
+    ))] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help=(
         "Fast preset: mixed precision, skip air-only windows, windows per call tuned to the device, separable "
@@ -215,8 +219,8 @@ def segment_cmd(
         # The preset depends on the device (windows per call, channels-last on CPU): build it for --device.
         options = InferenceOptions.fast(device=device) if fast else InferenceOptions(device=device)
         changes: dict[str, Any] = {"overlap": overlap, "amp": amp if amp is not None else options.amp}
-        if tta:
-            changes["tta"] = True
+        if tta is not None:
+            changes["tta"] = tta
         card = find_model(model, models_dirs=models_dir or [], trust_code=trust_bundle_code)
         segmenter = Segmenter(card, options=options, **changes)
         scans = [load_volume(p, series_uid=series_uid) for p in src] if len(src) == 1 else list(src)
