@@ -786,7 +786,7 @@ def _reason(exc: MedsegError, path: str) -> str:
     msg = str(exc)
     if msg.startswith(f"{path}: "):
         msg = msg[len(path) + 2:]
-    return msg.replace(" " + _SKIP_HINT, "").strip()
+    return msg.replace(" " + _SKIP_HINT, "").strip().rstrip(".")
 
 
 _FIELDS: tuple[tuple[str, Any], ...] = (
