@@ -77,7 +77,7 @@ from medseg.errors import (
     NonUniformSpacingError,
     UnreadableFileError,
 )
-from medseg.io.convert import LPS_TO_RAS
+from medseg.geometry import LPS_TO_RAS
 from medseg.volume import SkippedFile, SourceReferences, Volume
 
 __all__ = [
@@ -1390,6 +1390,8 @@ def _build_volume(frames: list[_Frame], where: str, *, volume: int | None = None
         frame_of_reference_uid=first.frame_of_reference_uid or None,
         sop_class_uid=_sop_class(ds) or None,
         series_description=_safe_str(ds, "SeriesDescription") or None,
+        positions_mm=tuple((-float(f.position[0]), -float(f.position[1]), float(f.position[2]))  # LPS → RAS
+                           for f in frames if f.position is not None) if first.position is not None else (),
         skipped=skipped,
     )
     # (k, j, i) stacked → (i, j, k): a transposed view, no copy.

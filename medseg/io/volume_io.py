@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,11 @@ from medseg.errors import (
     UnreadableFileError,
     UnsupportedFormatError,
 )
+from medseg.files import atomic_path
 from medseg.labels import LabelTable, sidecar_path
 from medseg.volume import SourceReferences, Volume
 
-__all__ = ["READ_FORMATS", "WRITE_SUFFIXES", "label_dtype", "load_volume", "save_volume"]
+__all__ = ["FORMAT_NAMES", "READ_FORMATS", "WRITE_SUFFIXES", "detect_format", "label_dtype", "load_volume", "save_volume"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ _ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
 READ_FORMATS = (
     "a folder of DICOM files (any names, subfolders included)",
     "a single DICOM file (.dcm or no extension; enhanced multi-frame included)",
+    "DICOM SEG (BINARY, FRACTIONAL, LABELMAP; any file name): a label map with its label table",
     "NIfTI (.nii, .nii.gz)",
     "NRRD (.nrrd, .nhdr)",
     "MetaImage (.mha, .mhd)",
@@ -49,6 +50,85 @@ def _with_path(exc: MedsegError, path: Path) -> MedsegError:
         return exc
     new = type(exc)(f"{path}: {msg}")
     return new
+
+
+#: What :func:`detect_format` answers.
+FORMAT_NAMES = ("dicom-folder", "dicom", "dicom-seg", "nifti", "nrrd", "metaimage")
+_SEG_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # Segmentation, Label Map SEG
+_FOLDER_PROBE_FILES = 64
+
+
+def _dicom_kind(path: Path) -> str | None:
+    """"dicom-seg", "dicom" or None for one file, from its header only; never raises."""
+    import pydicom
+
+    preamble = False
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            preamble = fh.read(4) == b"DICM"
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
+    except Exception:  # noqa: BLE001 - any parse failure: a corrupt DICOM (preamble) or not DICOM at all
+        return "dicom" if preamble else None
+    if not preamble and "SOPClassUID" not in ds and "Modality" not in ds:
+        return None  # pydicom parses many byte strings without a preamble: require some DICOM content
+    sop = str(getattr(ds, "SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    if sop in _SEG_SOP_CLASSES or str(getattr(ds, "Modality", "")).upper() == "SEG":
+        return "dicom-seg"
+    return "dicom"
+
+
+def detect_format(path: str | os.PathLike[str]) -> str | None:
+    """The format medseg would read ``path`` as, or None when it does not read it; never raises.
+
+    Looks at the name and at most a few headers (a folder: up to 64 of its files, depth first), not at pixel data,
+    so a corrupt file of a known format still gets its format's name (and :func:`load_volume` then says what is
+    wrong with it).
+
+    Parameters
+    ----------
+    path : path
+        File or folder.
+
+    Returns
+    -------
+    str or None
+        One of :data:`FORMAT_NAMES`: ``"dicom-folder"`` (a folder holding at least one DICOM file), ``"dicom"``,
+        ``"dicom-seg"`` (a DICOM Segmentation object), ``"nifti"``, ``"nrrd"``, ``"metaimage"``; None for
+        anything else (a missing path, a text file, an empty folder).
+
+    Examples
+    --------
+    >>> detect_format("notes.txt") is None
+    True
+    """
+    try:
+        p = Path(path)
+        if p.is_dir():
+            checked = 0
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                for name in sorted(names):
+                    if name.startswith("."):
+                        continue
+                    if _dicom_kind(Path(root) / name) is not None:
+                        return "dicom-folder"
+                    checked += 1
+                    if checked >= _FOLDER_PROBE_FILES:
+                        return None
+            return None
+        if not p.is_file():
+            return None
+        if _suffix(p, _NIFTI):
+            return "nifti"
+        if _suffix(p, (".nrrd", ".nhdr")):
+            return "nrrd"
+        if _suffix(p, (".mha", ".mhd")):
+            return "metaimage"
+        return _dicom_kind(p)
+    except Exception:  # noqa: BLE001 - the contract is "None, never raise" (a reader asks about any path)
+        return None
 
 
 def load_volume(
@@ -127,6 +207,10 @@ def _load(p: Path, *, series_uid: str | None, volume: int | None, skip_unreadabl
     elif _suffix(p, _ITK):
         loaded = _one_volume(_load_itk(p), p, volume)
     elif p.suffix.lower() in (".dcm", ".dicom", ".ima", "") or dicom.is_dicom_file(p):
+        from medseg.io import dicom_seg
+
+        if dicom_seg.is_dicom_seg(p):
+            return dicom_seg.load_segmentation(p)
         return dicom.load_dicom_file(p, volume=volume)
     else:
         raise UnsupportedFormatError(
@@ -224,7 +308,7 @@ def save_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     suffix = _suffix(p, WRITE_SUFFIXES)
     if suffix is None:
         raise UnsupportedFormatError(
-            f"{p}: cannot write {p.suffix!r}; medseg writes " + ", ".join(WRITE_SUFFIXES) + "."
+            f"{p}: cannot write {p.suffix!r}; medseg writes " + ", ".join(WRITE_SUFFIXES) + " (DICOM SEG: medseg.io.write_dicom_seg)."
         )
     if not p.parent.exists():
         raise UnreadableFileError(f"{p}: folder {p.parent} does not exist.")
@@ -236,26 +320,20 @@ def save_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     elif array.dtype == np.float64:
         array = array.astype(np.float32)
     out = Volume(array, volume.affine, modality=volume.modality, labels=volume.labels)
-    tmp = p.with_name(f".{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        if suffix in _NIFTI:
-            import nibabel as nib
+        with atomic_path(p, keep_suffix=suffix) as tmp:
+            if suffix in _NIFTI:
+                import nibabel as nib
 
-            nib.save(out.to_nibabel(), str(tmp))
-        else:
-            import SimpleITK as sitk
+                nib.save(out.to_nibabel(), str(tmp))
+            else:
+                import SimpleITK as sitk
 
-            sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=True)
-        os.replace(tmp, p)
+                sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=True)
         if volume.labels is not None:
-            side = sidecar_path(p)
-            side_tmp = side.with_name(side.name + ".tmp")
-            volume.labels.save(side_tmp)
-            os.replace(side_tmp, side)
+            volume.labels.save(sidecar_path(p))
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"{p}: could not write ({type(exc).__name__}: {exc}).") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return p
