@@ -292,7 +292,8 @@ def train_cmd(
     from medseg.train import ProgressEvent, train
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=as_json)
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=as_json,
+                   transient=True)  # gone when done: an error stays the one line on stderr
     task = bar.add_task("caching cases", total=None)
 
     def show(ev: ProgressEvent) -> None:
