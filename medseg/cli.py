@@ -68,53 +68,88 @@ def _geometry(volume: Any) -> dict[str, Any]:
     }
 
 
+_VolumeOpt = Annotated[int | None, typer.Option("--volume", min=0, help=(
+    "Which volume (from 0) of a DICOM file or series holding several at the same positions (echoes, time points, "
+    "magnitude + field map; `medseg info` lists them), or of a 4D NIfTI."))]
+_SkipOpt = Annotated[bool, typer.Option("--skip-unreadable", help=(
+    "Leave damaged files of a DICOM folder out (each named in a warning and recorded) instead of stopping."))]
+
+
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="DICOM folder or file, NIfTI, NRRD or MHA.")],
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    volume: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Geometry of a scan: shape, spacing, origin, direction, orientation, modality, series found.
+    """Geometry of a scan; for DICOM also the series and volumes found and every file set aside or skipped.
 
     For a DICOM SEG file: its segments (number, label, category/type codes, algorithm, voxels) and the series it
     references.
     """
-    from medseg.io import list_series, load_volume
+    from medseg.errors import MultipleSeriesError, MultipleVolumesError
+    from medseg.io import list_volumes, load_volume, scan_folder
     from medseg.io.dicom_seg import is_dicom_seg
 
     if path.is_file() and is_dicom_seg(path):
         _seg_info(path, as_json)
         return
+    loaded, volumes, dicom = None, None, path.is_dir()
     try:
-        found = list_series(path) if path.is_dir() else []
-        several = path.is_dir() and series_uid is None and len(found) > 1
-        volume = None if several else load_volume(path, series_uid=series_uid)
+        contents = scan_folder(path, skip_unreadable=skip_unreadable) if path.is_dir() else None
+        try:
+            loaded = load_volume(path, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
+            dicom = dicom or bool(loaded.source and loaded.source.sop_class_uid)
+        except MultipleSeriesError:  # several series and none chosen: list them
+            if series_uid is not None:
+                raise
+            dicom = False
+        except MultipleVolumesError:  # several volumes and none chosen: list them
+            if volume is not None:
+                raise
+            dicom = True
+        if dicom:
+            volumes = list_volumes(path, series_uid=series_uid, skip_unreadable=skip_unreadable)
     except MedsegError as exc:
         fail(exc)
         return
     data: dict[str, Any] = {"path": str(path)}
-    if volume is not None:
-        data.update(_geometry(volume))
-    if path.is_dir():
+    if loaded is not None:
+        data.update(_geometry(loaded))
+    if volumes is not None:
+        data["volumes"] = [{"volume": v.index, "slices": v.n_slices, "description": v.description} for v in volumes]
+    if contents is not None:
         data["series"] = [
             {"series_uid": s.key, "description": s.description, "modality": s.modality, "slices": s.n_slices}
-            for s in found
+            for s in contents.series
         ]
+        data["set_aside"] = [{"path": f.path, "reason": f.reason} for f in contents.set_aside]
+        data["skipped"] = [{"path": f.path, "reason": f.reason} for f in contents.skipped]
     if as_json:
         print_json(data)
         return
     table = Table(show_header=False, box=None)
     for key, value in data.items():
-        if key == "series":
-            continue
-        table.add_row(f"[bold]{key}[/]", str(value))
+        if key not in ("series", "set_aside", "skipped", "volumes"):
+            table.add_row(f"[bold]{key}[/]", str(value))
     console.print(table)
-    if path.is_dir():
-        console.print(f"[bold]series found[/] ({len(data['series'])}):")
-        for s in data["series"]:
-            console.print(f"  {s['series_uid']}  {s['description']!r}  {s['modality']}  {s['slices']} slices")
-        if volume is None:
-            console.print("Several series: choose one with [bold]--series-uid[/] to see its geometry.")
+    if volumes is not None and len(volumes) > 1:
+        console.print(f"[bold]volumes[/] ({len(volumes)}, choose with --volume N):")
+        for v in data["volumes"]:
+            console.print(f"  {v['volume']}: {v['slices']} slices, {v['description']}", highlight=False)
+    if contents is None:
+        return
+    console.print(f"[bold]series found[/] ({len(data['series'])}):")
+    for s in data["series"]:
+        console.print(f"  {s['series_uid']}  {s['description']!r}  {s['modality']}  {s['slices']} slices")
+    for key, title in (("set_aside", "set aside"), ("skipped", "skipped (damaged)")):
+        if data[key]:
+            console.print(f"[bold]{title}[/] ({len(data[key])}):")
+            for f in data[key]:
+                console.print(f"  {f['path']}: {f['reason']}", highlight=False, soft_wrap=True)
+    if loaded is None and series_uid is None and volumes is None:
+        console.print("Several series: choose one with [bold]--series-uid[/] to see its geometry.")
 
 
 def _seg_info(path: Path, as_json: bool) -> None:
@@ -155,6 +190,8 @@ def convert(
     src: Annotated[Path, typer.Argument(help="Input scan or labels (DICOM folder/file, DICOM SEG, NIfTI, NRRD, MHA).")],
     dst: Annotated[Path, typer.Argument(help="Output file (.nii.gz, .nii, .nrrd, .mha, or .dcm for a DICOM SEG).")],
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    volume_index: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
     reference: Annotated[Path | None, typer.Option("--reference", help=(
         "labels → SEG: the DICOM series the labels were made from. SEG → labels: put the labels on this scan's "
         "grid (default: the SEG's own frame grid)."))] = None,
@@ -175,7 +212,7 @@ def convert(
 
     try:
         if src.is_file() and is_dicom_seg(src):
-            ref = load_volume(reference) if reference is not None else None
+            ref = load_volume(reference, skip_unreadable=skip_unreadable) if reference is not None else None
             volume = load_segmentation(src, reference=ref, split=split)
             outs = save_segment_masks(volume, dst) if split else [save_volume(volume, dst)]
             for out in outs:
@@ -187,7 +224,7 @@ def convert(
             if reference is None:
                 raise _usage_error(f"{dst}: writing a DICOM SEG needs --reference DICOM_FOLDER, the series the labels "
                                    "were made from.")
-            labels = load_volume(src, series_uid=series_uid)
+            labels = load_volume(src, series_uid=series_uid, volume=volume_index, skip_unreadable=skip_unreadable)
             algorithm = None
             if model is not None:
                 from medseg.models import find_model
@@ -200,7 +237,7 @@ def convert(
             return
         if reference is not None:
             raise _usage_error("--reference applies to labels → DICOM SEG (DST ending in .dcm) or DICOM SEG input.")
-        volume = load_volume(src, series_uid=series_uid)
+        volume = load_volume(src, series_uid=series_uid, volume=volume_index, skip_unreadable=skip_unreadable)
         out = save_volume(volume, dst)
     except MedsegError as exc:
         fail(exc)
@@ -294,6 +331,8 @@ def segment_cmd(
         "resampling onto the network grid. Labels still go back with the exact trilinear inversion."
     ))] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    volume: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
     models_dir: _ModelsDir = None,
     trust_bundle_code: _TrustCode = False,
     seg_type: _SegType = "binary",
@@ -314,7 +353,8 @@ def segment_cmd(
         if tta is not None:
             changes["tta"] = tta
         to_seg = out.name.lower().endswith(".dcm")
-        scans: list[Any] = [load_volume(p, series_uid=series_uid) for p in src] if len(src) == 1 else list(src)
+        scans: list[Any] = ([load_volume(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
+                             for p in src] if len(src) == 1 else list(src))
         scan = scans[0]
         if to_seg and (len(scans) != 1 or scan.source is None or not scan.source.positions_mm):
             raise _usage_error(f"{out}: a DICOM SEG references DICOM source images, but {src[0]} is not one DICOM "
@@ -357,7 +397,8 @@ def train_cmd(
     from medseg.train import ProgressEvent, train
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=as_json)
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=as_json,
+                   transient=True)  # gone when done: an error stays the one line on stderr
     task = bar.add_task("caching cases", total=None)
 
     def show(ev: ProgressEvent) -> None:
@@ -538,15 +579,18 @@ def _write_csv_or_json(result: Any, csv_out: Path | None, as_json: bool) -> bool
 def stats_cmd(
     seg: Annotated[Path, typer.Argument(help="Label map (NIfTI, NRRD, MHA, DICOM).")],
     image: Annotated[Path | None, typer.Option("--image", help="The scan, for intensity statistics.")] = None,
+    volume: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (strict: inf/nan as null).")] = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-label CSV here.")] = None,
 ) -> None:
-    """Volume (mL), intensity statistics, centroid, extent and lesion counts per label."""
+    """Volume (mL), intensity statistics, centroid, extent and lesion counts per label (--volume: of --image)."""
     from medseg.io import load_volume
     from medseg.stats import volume_stats
 
     try:
-        result = volume_stats(load_volume(seg), load_volume(image) if image is not None else None)
+        scan = (load_volume(image, volume=volume, skip_unreadable=skip_unreadable) if image is not None else None)
+        result = volume_stats(load_volume(seg), scan)
     except MedsegError as exc:
         fail(exc)
         return
