@@ -12,7 +12,7 @@ Printed: wall time, cases per hour, the ratio to the shell loop, and the peak re
 
     python benchmarks/bench_batch.py [--cases 10] [--shape 96,96,48] [--model phantom-abdomen-ct]
 
-Each child runs under an address-space limit (``--max-gib``, default 8 GiB) so a run can never take the shared
+Each child runs under an address-space limit (``prlimit --as``, ``--max-gib``, default 8 GiB) so a run can never take the shared
 machine's memory; Dask workers also get a 2 GiB memory limit each.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,14 +44,11 @@ def cpu_name() -> str:
 def run_tree(cmds: list[list[str]], max_gib: float) -> tuple[float, float]:
     """Run commands one after another; (wall seconds, peak summed RSS of each command's process tree in MiB)."""
     limit = int(max_gib * 2**30)
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
     peak = 0
     t0 = time.perf_counter()
     for cmd in cmds:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=cap)
+        proc = subprocess.Popen(["prlimit", f"--as={limit}", "--", *cmd], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
         root = psutil.Process(proc.pid)
         stop = threading.Event()
 

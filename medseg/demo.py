@@ -216,14 +216,12 @@ def run_demo(
     labels = load_volume(case_dir / "pred.nii.gz")
     seg = Segmentation(labels, None, card.name, card, record.device or "cpu", dict(record.timings_s))
     labels_path = save_volume(seg.labels, folder / "segmentation.nii.gz")
-    t2 = time.perf_counter()
     truth = study.labels
     if truth.labels is None:
         from medseg.phantom import PHANTOM_LABELS
 
         truth = truth.with_array(truth.array, labels=PHANTOM_LABELS)
     result = evaluate(seg.labels, truth)
-    t3 = time.perf_counter()
     voxel_ml = seg.labels.voxel_volume_ml
     pred_counts = np.bincount(seg.labels.array.ravel(), minlength=256)
     truth_counts = np.bincount(np.asarray(truth.array).astype(np.int64).ravel(), minlength=256)
