@@ -11,9 +11,11 @@ __all__ = [
     "ChannelCountError",
     "CheckpointMismatchError",
     "ChecksumMismatchError",
+    "DicomSegError",
     "DicomSeriesError",
     "DicomWriteError",
     "DuplicateSlicesError",
+    "EmptySegmentationError",
     "GantryTiltError",
     "GeometryError",
     "GridMismatchError",
@@ -26,14 +28,19 @@ __all__ = [
     "ModelCardError",
     "ModelNotFoundError",
     "MultipleSeriesError",
+    "MultipleVolumesError",
     "NoImageSeriesError",
     "NonUniformSpacingError",
     "NotVolumetricError",
     "OptionError",
+    "OverlappingSegmentsError",
     "PhantomError",
     "RecipeError",
     "RegionError",
     "ResultsLayoutError",
+    "SegmentCodeError",
+    "SegmentationCancelledError",
+    "SourceUidError",
     "UnknownNetworkError",
     "UnreadableFileError",
     "UnsafeCheckpointError",
@@ -65,6 +72,11 @@ class NoImageSeriesError(DicomSeriesError):
 
 class MultipleSeriesError(DicomSeriesError):
     """A folder holds several image series and none was chosen."""
+
+
+class MultipleVolumesError(DicomSeriesError):
+    """A DICOM file or series holds several volumes at the same slice positions (echoes, time points, magnitude
+    and field map) and none was chosen, or the chosen number does not exist."""
 
 
 class MissingSlicesError(DicomSeriesError):
@@ -166,6 +178,30 @@ class RecipeError(MedsegError, ValueError):
 class ManifestError(MedsegError, ValueError):
     """A manifest (JSON, CSV, MSD dataset.json) cannot be read, names files outside its root or that do not exist,
     repeats a case id, or a file's sha256 differs from the one it records."""
+
+
+class SegmentationCancelledError(MedsegError, RuntimeError):
+    """A segmentation was cancelled through its ``cancel`` hook before it finished (nothing was returned)."""
+
+
+class DicomSegError(MedsegError, ValueError):
+    """A DICOM SEG cannot be written from these labels and source, or read as asked."""
+
+
+class SegmentCodeError(DicomSegError, LookupError):
+    """Labels have no coded concept (category, type) for DICOM SEG; the message lists them and how to give codes."""
+
+
+class SourceUidError(DicomSegError):
+    """The source series has blank, missing or duplicate UIDs a DICOM SEG must reference (see ``repair_uids``)."""
+
+
+class EmptySegmentationError(DicomSegError):
+    """A label map holds no labelled voxel, so there is no segment to write."""
+
+
+class OverlappingSegmentsError(DicomSegError):
+    """Segments of a DICOM SEG overlap, so they cannot be one label map (read them with ``split=True``)."""
 
 
 class WorkflowError(MedsegError, ValueError):

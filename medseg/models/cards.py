@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medseg.errors import LabelTableError, ModelCardError
-from medseg.labels import Label, LabelTable, default_color
+from medseg.labels import Label, LabelTable, SegmentCode, default_color
 from medseg.schema import SchemaReader, did_you_mean
 
 __all__ = [
@@ -223,6 +223,16 @@ class ModelCard:
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
+def _code(r: SchemaReader, data: Any, where: str) -> SegmentCode | None:
+    """A label's optional DICOM SEG code: {category: [scheme, value, meaning], type: [...], modifier: [...]}."""
+    if data is None:
+        return None
+    try:
+        return SegmentCode.from_json(data, where=f"{r.source}: field '{where}'")
+    except LabelTableError as exc:
+        raise ModelCardError(str(exc)) from None
+
+
 def _labels(r: SchemaReader, data: Any) -> LabelTable:
     items: list[Label] = []
     if isinstance(data, Mapping):  # {1: liver, 2: tumour}
@@ -231,11 +241,12 @@ def _labels(r: SchemaReader, data: Any) -> LabelTable:
         raise r.fail("labels", "a non-empty list of {value, name, color, kind} (or a {value: name} mapping)", data)
     for n, item in enumerate(data):
         where = f"labels[{n}]"
-        item = r.mapping(item, where, {"value", "name", "color", "colour", "kind"})
+        item = r.mapping(item, where, {"value", "name", "color", "colour", "kind", "code"})
+        code = _code(r, item.get("code"), f"{where}.code")
         try:
             value = int(item["value"])
             color = item.get("color", item.get("colour")) or default_color(value)
-            items.append(Label(value, str(item["name"]), tuple(color), item.get("kind", "organ")))  # type: ignore[arg-type]
+            items.append(Label(value, str(item["name"]), tuple(color), item.get("kind", "organ"), code))  # type: ignore[arg-type]
         except KeyError as exc:
             raise ModelCardError(f"{r.source}: field '{where}' needs '{exc.args[0]}'.") from None
         except (TypeError, ValueError) as exc:
