@@ -117,8 +117,8 @@ class OutputOptions:
         ``pred.nii.gz`` with its label table (always needed by the statistics, metrics and report; when False the
         labels are still written, this only documents that a caller wants them).
     dicom_seg : bool
-        ``segmentation.dcm`` for DICOM inputs (:func:`medseg.io.dicom_seg.write_dicom_seg`); non-DICOM inputs
-        get none and their record says why.
+        ``segmentation.dcm`` for DICOM inputs (:func:`medseg.io.dicom_seg.write_dicom_seg`, with the model's
+        name, version and weights sha256 as the algorithm); non-DICOM inputs get none and their record says why.
     seg_type : {"binary", "labelmap"}
         DICOM SEG type.
     stats : bool
@@ -217,10 +217,12 @@ class RunOptions:
         WorkflowError
             Naming what is missing and what to do.
         """
-        if self.outputs.dicom_seg and _dicom_seg_writer() is None:
-            raise WorkflowError("DICOM SEG output was asked for (dicom_seg / --dicom-seg) but is not available in "
-                                "this medseg installation yet (medseg.io.dicom_seg.write_dicom_seg is missing); run "
-                                "without it, or update medseg.")
+        if self.outputs.dicom_seg:
+            try:
+                import highdicom  # noqa: F401
+            except ImportError:
+                raise WorkflowError("DICOM SEG output (dicom_seg / --dicom-seg) needs highdicom: pip install "
+                                    "highdicom.") from None
         if self.executor == "dask" or self.scheduler:
             try:
                 import distributed  # noqa: F401
@@ -537,29 +539,13 @@ def _write_csv(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def _dicom_seg_writer() -> Callable[..., Any] | None:
-    try:
-        from medseg.io import dicom_seg
-    except ImportError:
-        return None
-    return getattr(dicom_seg, "write_dicom_seg", None)
-
-
 def _write_dicom_seg(labels: Volume, image: Volume, path: Path, plan: _Plan) -> None:
-    writer = _dicom_seg_writer()
-    if writer is None:  # checked before the run starts; kept for workers of another medseg build
-        raise WorkflowError("DICOM SEG output is not available in this medseg installation "
-                            "(medseg.io.dicom_seg.write_dicom_seg is missing).")
-    kwargs: dict[str, Any] = {"seg_type": plan.options.outputs.seg_type}
-    try:
-        from medseg.io.dicom_seg import SegAlgorithm  # type: ignore[attr-defined]
+    """DICOM SEG referencing the scan's instances (the writer is atomic itself)."""
+    from medseg.io.dicom_seg import SegAlgorithm, write_dicom_seg
 
-        kwargs["algorithm"] = SegAlgorithm(name=str(plan.model["name"]), version=str(plan.model["version"]),
-                                           weights_sha256=plan.model.get("weights_sha256"))
-    except (ImportError, TypeError, AttributeError):
-        pass
-    with atomic_path(path, keep_suffix=".dcm") as tmp:
-        writer(labels, image, tmp, **kwargs)
+    model = plan.model
+    algorithm = SegAlgorithm(str(model["name"]), str(model["version"]), model.get("weights_sha256"))
+    write_dicom_seg(labels, image, path, seg_type=plan.options.outputs.seg_type, algorithm=algorithm)
 
 
 def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRecord:

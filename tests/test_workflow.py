@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from medseg.cli import app
 from medseg.errors import WorkflowError
 from medseg.files import sha256_path
-from medseg.manifest import Case, Manifest, make_manifest
+from medseg.manifest import Manifest, make_manifest
 from medseg.workflow import OutputOptions, RunOptions, load_workflow, parse_workflow, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,8 +207,12 @@ def test_patient_data_appears_in_no_log_record_csv_json_or_report(studies: Path,
 
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "out"
-    res = runner.invoke(app, ["batch", str(studies), "--model", "ct-basic", "--out", str(out), "--log-json"])
+    res = runner.invoke(app, ["batch", str(studies), "--model", "ct-basic", "--out", str(out), "--log-json",
+                              "--dicom-seg"])
     assert res.exit_code == 0, res.output
+    import pydicom
+
+    assert pydicom.dcmread(out / "p11" / "segmentation.dcm").PatientID == PHI["PatientID"]  # SEG: by design
     texts = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".dcm"}
     assert {"run.json", "statistics.csv", "metrics.csv", "report.html", "p11/status.json"} <= set(texts)
     everything = b"\n".join(texts.values()) + res.output.encode() + caplog.text.encode()
@@ -247,19 +251,24 @@ def test_rerun_skips_done_cases_and_redoes_changed_ones(tmp_path: Path) -> None:
     assert not _partials(tmp_path / "out")
 
 
-def test_dicom_seg_output_says_clearly_when_it_is_not_available(tmp_path: Path) -> None:
-    from medseg.workflow import _dicom_seg_writer
+def test_dicom_seg_for_dicom_inputs_reads_back_as_the_labels(studies: Path, tmp_path: Path) -> None:
+    from medseg.io import load_segmentation, load_volume
+    from medseg.phantom import make_phantom, write_phantom_study
 
-    manifest = Manifest((Case("x", tmp_path / "x.nii.gz"),), tmp_path)
-    options = RunOptions(model="ct-basic", outputs=OutputOptions(dicom_seg=True))
-    if _dicom_seg_writer() is None:
-        with pytest.raises(WorkflowError, match="DICOM SEG output was asked for .* not available"):
-            run_batch(manifest, tmp_path / "out", options)
-        res = runner.invoke(app, ["batch", str(tmp_path), "--model", "ct-basic", "--out", str(tmp_path / "o"),
-                                  "--dicom-seg"])
-        assert res.exit_code == 2 and "not available" in res.output
-    else:
-        pytest.skip("DICOM SEG is available: tests/test_workflow_seg.py covers it")
+    write_phantom_study(make_phantom(4, shape=(30, 28, 20)), tmp_path / "nifti" / "n4", format="nifti")
+    cases = (*make_manifest(studies, checksums=False).cases[:1], *make_manifest(tmp_path / "nifti").cases)
+    manifest = Manifest(cases, Path(os.path.commonpath([studies, tmp_path])))
+    options = RunOptions(model="ct-basic", outputs=OutputOptions(dicom_seg=True, seg_type="labelmap", report=False))
+    result = run_batch(manifest, tmp_path / "out", options)
+    assert result.exit_status == 0
+    dicom_case, nifti_case = result.records
+    assert "segmentation.dcm" in dicom_case.outputs and "segmentation.dcm" not in nifti_case.outputs
+    assert nifti_case.notes == ("no DICOM SEG: the input is not a DICOM series",)
+    pred = load_volume(tmp_path / "out" / "p11" / "pred.nii.gz")
+    seg = load_segmentation(tmp_path / "out" / "p11" / "segmentation.dcm", reference=pred)
+    assert (seg.array == pred.array).all() and seg.labels is not None and pred.labels is not None
+    present = {v: name for v, name in pred.labels.names.items() if (pred.array == v).any()}
+    assert seg.labels.names == present  # a SEG holds the segments that are there
 
 
 def test_shipped_workflow_recipes_parse() -> None:
