@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from medseg.errors import MedsegError, NotVolumetricError, WorkflowError
-from medseg.files import atomic_path, atomic_write_text, remove_partials, sha256_file
+from medseg.files import atomic_write_text, remove_partials, sha256_file
 from medseg.manifest import Case, Manifest, make_manifest, read_manifest, verify_case
 from medseg.schema import SchemaReader, read_yaml
 
