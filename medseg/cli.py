@@ -404,7 +404,9 @@ def evaluate_cmd(
 def _write_csv_or_json(result: Any, csv_out: Path | None, as_json: bool) -> bool:
     """Write ``result.to_csv()`` to ``csv_out`` when given; print its JSON when asked (True: nothing more to print)."""
     if csv_out is not None:
-        csv_out.write_text(result.to_csv())
+        from medseg.files import atomic_write_text
+
+        atomic_write_text(csv_out, result.to_csv())
     if as_json:
         print_json(result.to_json())
     return as_json

@@ -535,10 +535,6 @@ def _failed(case: Case, exc: BaseException, plan: _Plan, digests: Mapping[str, s
                       device=plan.options.device, worker=worker, run_id=plan.run_id, model_loads=_MODEL_LOADS[0])
 
 
-def _write_csv(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def _write_dicom_seg(labels: Volume, image: Volume, path: Path, plan: _Plan) -> None:
     """DICOM SEG referencing the scan's instances (the writer is atomic itself)."""
     from medseg.io.dicom_seg import SegAlgorithm, write_dicom_seg
@@ -591,7 +587,7 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
             from medseg.stats import volume_stats
 
             t = time.perf_counter()
-            _write_csv(folder / "stats.csv", volume_stats(labels, image).to_csv())
+            atomic_write_text(folder / "stats.csv", volume_stats(labels, image).to_csv())
             written.append("stats.csv")
             timings["stats"] = time.perf_counter() - t
         if loaded.reference is not None:
@@ -602,7 +598,7 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
             if ref.labels is None and labels.labels is not None:
                 ref = ref.with_array(ref.array, labels=labels.labels)
             result = evaluate(labels, ref, resample=not labels.same_grid(ref))
-            _write_csv(folder / "metrics.csv", result.to_csv())
+            atomic_write_text(folder / "metrics.csv", result.to_csv())
             save_volume(ref, folder / "ref.nii.gz")
             written += ["metrics.csv", "ref.nii.gz"]
             if ref.labels is not None:

@@ -278,6 +278,13 @@ def test_shipped_workflow_recipes_parse() -> None:
     for p in batch:
         wf = load_workflow(p)
         assert wf.inputs.exists(), wf.inputs
+    import yaml
+
+    from medseg.workflow import is_training_recipe
+
+    trains = [p for p in recipes if p.name.startswith("train-")]
+    assert trains and all(is_training_recipe(yaml.safe_load(p.read_text())) for p in trains)  # `medseg run` trains
+    assert not any(is_training_recipe(yaml.safe_load(p.read_text())) for p in batch)
     wf = load_workflow(ROOT / "workflows" / "evaluate-phantoms.yaml",
                        overrides=["outputs.folder=/tmp/elsewhere", "executor.kind=dask", "inference.fast=true"])
     assert (wf.out_dir, wf.options.executor, wf.options.fast) == (Path("/tmp/elsewhere"), "dask", True)
