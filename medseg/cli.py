@@ -582,6 +582,8 @@ def batch_cmd(
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg/--no-dicom-seg", help="DICOM SEG for DICOM inputs.")] = False,
     seg_type: Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")] = "binary",
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics per case and statistics.csv.")] = True,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Metrics against the cases' reference "
+                                          "labels, when they have one.")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="report.html over all cases.")] = True,
     executor: Annotated[str, typer.Option("--executor", help="local (in-process) or dask.")] = "local",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Dask LocalCluster worker processes.")] = 2,
@@ -602,7 +604,7 @@ def batch_cmd(
         options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
                              fast=fast, tta=tta, torch_threads=torch_threads,
                              outputs=OutputOptions(dicom_seg=dicom_seg, seg_type=seg_type, stats=stats,  # type: ignore[arg-type]
-                                                   report=report),
+                                                   metrics=metrics, report=report),
                              executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
                              include_phi=include_phi)
         options.check_available()

@@ -217,7 +217,7 @@ def test_patient_data_appears_in_no_log_record_csv_json_or_report(studies: Path,
     assert {"run.json", "statistics.csv", "metrics.csv", "report.html", "p11/status.json"} <= set(texts)
     everything = b"\n".join(texts.values()) + res.output.encode() + caplog.text.encode()
     for value in PHI.values():
-        for form in {value, value.replace("^", " "), "DOE", "8675309"}:
+        for form in {value, value.replace("^", " "), "DOE^JANE", "8675309"}:  # long enough not to occur by chance
             assert form.encode() not in everything, form
     # The positive control: with --include-phi the same values do appear (so the search above can fail).
     out2 = tmp_path / "out2"
@@ -319,6 +319,9 @@ def test_cli_user_errors_print_one_line_and_no_traceback(tmp_path: Path) -> None
     assert "nsd_tolerance_mm (--nsd-tolerance) must be a finite number >= 0" in proc.stderr
     res = runner.invoke(app, ["batch", str(tmp_path / "nothing"), "--model", "ct-basic", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "manifest not found" in res.output
+    for command in ("batch", "run"):
+        assert "Exit status: 0 every case done, 3 finished with failed cases" in " ".join(
+            runner.invoke(app, [command, "--help"], terminal_width=200).output.split())
 
 
 def test_manifest_make_and_check_cli(studies: Path, tmp_path: Path) -> None:
