@@ -132,20 +132,26 @@ app.add_typer(models_app, name="models")
 _ModelsDir = Annotated[
     list[Path] | None,
     typer.Option("--models-dir", help="Folder of model cards / MONAI bundles, searched before the shipped ones "
-                 "(repeatable). Bundle configs can run code: use only folders you trust."),
+                 "(repeatable). Bundle configs are checked before anything of them runs."),
+]
+_TrustCode = Annotated[
+    bool,
+    typer.Option("--trust-bundle-code", help="Run MONAI bundles' own code: their scripts/ package and config "
+                 "expressions outside medseg's restricted set. Only for bundles from a source you trust."),
 ]
 
 
 @models_app.command("list")
 def models_list(
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the models medseg can run."""
+    """List the models medseg can run (bundles are read and checked, never run)."""
     from medseg.models import list_models
 
     try:
-        listing = list_models(models_dirs=models_dir or [])
+        listing = list_models(models_dirs=models_dir or [], trust_code=trust_bundle_code)
     except MedsegError as exc:
         fail(exc)
         return
@@ -165,21 +171,26 @@ def models_list(
 def models_show(
     name: Annotated[str, typer.Argument(help="Model name, card file or bundle folder.")],
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
 ) -> None:
-    """Show a model card (network, labels, preprocessing, weights, provenance) as JSON."""
-    from medseg.models import find_model
+    """Show a model as JSON: source, licence, labels, channels, versions, weights and their sha256, and for a MONAI
+    bundle what medseg will and will not run of it."""
+    from medseg.models import describe_model, find_model
 
     try:
-        card = find_model(name, models_dirs=models_dir or [])
+        card = find_model(name, models_dirs=models_dir or [], trust_code=trust_bundle_code)
+        print_json(describe_model(card))
     except MedsegError as exc:
         fail(exc)
         return
-    print_json(card.summary())
 
 
 @app.command("segment")
 def segment_cmd(
-    src: Annotated[Path, typer.Argument(help="Input scan (DICOM folder/file, NIfTI, NRRD, MHA).")],
+    src: Annotated[list[Path], typer.Argument(help=(
+        "Input scan (DICOM folder/file, NIfTI, NRRD, MHA). For a multi-channel model give one scan per channel "
+        "(e.g. T1C T1 T2 FLAIR: matched to the model's channel names by file name, else taken in the order given; "
+        "resampled onto the first scan's grid) or one 4D file."))],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name, card file or MONAI bundle folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output labels (.nii.gz, .nii, .nrrd, .mha).")],
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
@@ -187,28 +198,35 @@ def segment_cmd(
     tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation (8× slower).")] = False,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help=(
-        "Fast preset: mixed precision, skip air-only windows, tuned batch, nearest-neighbour label inversion."
+        "Fast preset: mixed precision, skip air-only windows, windows per call tuned to the device, separable "
+        "resampling onto the network grid. Labels still go back with the exact trilinear inversion."
     ))] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Segment a scan; write labels on the scan's own grid with a label-table sidecar (.labels.json)."""
     from medseg.inference import InferenceOptions, Segmenter
     from medseg.io import load_volume, save_volume
+    from medseg.models import find_model
 
-    options = InferenceOptions.fast() if fast else InferenceOptions()
-    changes: dict[str, Any] = {"device": device, "overlap": overlap, "amp": amp if amp is not None else options.amp}
-    if tta:
-        changes["tta"] = True
     try:
-        segmenter = Segmenter(model, models_dirs=models_dir or [], options=options, **changes)
-        result = segmenter.segment(load_volume(src, series_uid=series_uid))
+        # The preset depends on the device (windows per call, channels-last on CPU): build it for --device.
+        options = InferenceOptions.fast(device=device) if fast else InferenceOptions(device=device)
+        changes: dict[str, Any] = {"overlap": overlap, "amp": amp if amp is not None else options.amp}
+        if tta:
+            changes["tta"] = True
+        card = find_model(model, models_dirs=models_dir or [], trust_code=trust_bundle_code)
+        segmenter = Segmenter(card, options=options, **changes)
+        scans = [load_volume(p, series_uid=series_uid) for p in src] if len(src) == 1 else list(src)
+        result = segmenter.segment(scans[0] if len(scans) == 1 else scans)
         written = save_volume(result.labels, out)
     except MedsegError as exc:
         fail(exc)
         return
-    summary = {"input": str(src), "output": str(written), **result.summary()}
+    summary = {"input": [str(p) for p in src] if len(src) > 1 else str(src[0]), "output": str(written),
+               **result.summary()}
     if as_json:
         print_json(summary)
         return

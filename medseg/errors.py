@@ -43,7 +43,9 @@ __all__ = [
     "SourceUidError",
     "UnknownNetworkError",
     "UnreadableFileError",
+    "UnsafeBundleError",
     "UnsafeCheckpointError",
+    "UnsupportedBundleError",
     "UnsupportedFormatError",
     "WeightsError",
     "WorkflowError",
@@ -125,6 +127,16 @@ class LabelTableError(MedsegError, ValueError):
 
 class ModelCardError(MedsegError, ValueError):
     """A model card (YAML) or a MONAI bundle's configs do not describe a runnable model."""
+
+
+class UnsafeBundleError(ModelCardError):
+    """A MONAI bundle config holds code medseg does not run without ``--trust-bundle-code`` (an expression or a
+    ``_target_`` outside the allow-list, a macro, the bundle's own ``scripts/`` package)."""
+
+
+class UnsupportedBundleError(ModelCardError):
+    """A MONAI bundle medseg cannot run as a segmentation model (interactive or prompted, several inputs, an
+    inferer or transform it does not reproduce)."""
 
 
 class UnknownNetworkError(ModelCardError, LookupError):

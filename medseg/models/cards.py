@@ -173,6 +173,8 @@ class ModelCard:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     origin: Literal["shipped", "user", "bundle", "memory"] = "memory"
+    #: For ``kind: bundle``: what medseg read of the MONAI bundle (:class:`medseg.models.bundle.BundleSpec`).
+    bundle: Any = field(default=None, repr=False, compare=False)
 
     @property
     def out_channels(self) -> int:
