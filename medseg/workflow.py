@@ -100,6 +100,10 @@ EXIT_USAGE = 2
 EXIT_FAILED_CASES = 3
 
 STATUS_NAME = "status.json"
+#: Every file the runner may write in a case folder (a redone or failed case loses the ones it did not rewrite,
+#: so neither the report nor a reader ever sees an earlier run's output as this run's).
+CASE_OUTPUTS = ("pred.nii.gz", "pred.labels.json", "image.nii.gz", "segmentation.dcm", "stats.csv", "metrics.csv",
+                "ref.nii.gz", "ref.labels.json")
 RUN_RECORD_NAME = "run.json"
 RECORD_VERSION = 1
 
@@ -607,6 +611,7 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         phi = _read_phi(image) if plan.options.include_phi else None
         timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
             time.perf_counter() - t_start)
+        _clear_outputs(folder, keep=written)
         outputs = {name: sha256_file(folder / name) for name in written if (folder / name).is_file()}
         record = CaseRecord(case.case_id, "done", loaded.digests, outputs, {k: round(v, 4) for k, v in timings.items()},
                             notes=tuple(notes), phi=phi, model=dict(plan.model),
@@ -616,6 +621,7 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
             time.perf_counter() - t_start)
         record = _failed(case, exc, plan, loaded.digests, {k: round(v, 4) for k, v in timings.items()}, worker)
+        _clear_outputs(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
@@ -626,6 +632,12 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
     log("case %s %s in %.1f s%s", case.case_id, record.state, record.timings_s.get("total", 0.0),
         f": {record.error}" if record.error else "")
     return record
+
+
+def _clear_outputs(folder: Path, keep: Sequence[str] = ()) -> None:
+    for name in CASE_OUTPUTS:
+        if name not in keep:
+            (folder / name).unlink(missing_ok=True)
 
 
 def run_case(case: Case, plan: _Plan) -> CaseRecord:

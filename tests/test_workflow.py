@@ -245,6 +245,13 @@ def test_rerun_skips_done_cases_and_redoes_changed_ones(tmp_path: Path) -> None:
     # other result options → every case is redone
     changed = RunOptions(model="ct-basic", outputs=OutputOptions(report=False, stats=False))
     assert [r.state for r in run_batch(manifest, tmp_path / "out", changed).records] == ["done", "done"]
+    assert not (tmp_path / "out" / "n1" / "stats.csv").exists()  # no earlier run's output is left to mislead
+    # a case that now fails loses its earlier outputs (the report must not show a stale prediction)
+    (tmp_path / "in" / "n2" / "ct.nii.gz").write_bytes(b"broken")
+    broken = run_batch(make_manifest(tmp_path / "in", checksums=False), tmp_path / "out", changed)
+    assert [r.state for r in broken.records] == ["skipped", "failed"]
+    assert sorted(p.name for p in (tmp_path / "out" / "n2").iterdir()) == ["status.json"]
+    write_phantom_study(make_phantom(2, shape=(32, 30, 20)), tmp_path / "in" / "n2", format="nifti", overwrite=True)
     # a temporary file a killed writer left is removed when a run starts
     (tmp_path / "out" / "n2" / ".pred.nii.gz.1234abcd.partial.nii.gz").write_bytes(b"half")
     run_batch(manifest, tmp_path / "out", changed)
