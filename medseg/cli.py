@@ -569,7 +569,9 @@ def evaluate_cmd(
 def _write_csv_or_json(result: Any, csv_out: Path | None, as_json: bool) -> bool:
     """Write ``result.to_csv()`` to ``csv_out`` when given; print its JSON when asked (True: nothing more to print)."""
     if csv_out is not None:
-        csv_out.write_text(result.to_csv())
+        from medseg.files import atomic_write_text
+
+        atomic_write_text(csv_out, result.to_csv())
     if as_json:
         print_json(result.to_json())
     return as_json
@@ -748,6 +750,8 @@ def batch_cmd(
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg/--no-dicom-seg", help="DICOM SEG for DICOM inputs.")] = False,
     seg_type: Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")] = "binary",
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics per case and statistics.csv.")] = True,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Metrics against the cases' reference "
+                                          "labels, when they have one.")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="report.html over all cases.")] = True,
     executor: Annotated[str, typer.Option("--executor", help="local (in-process) or dask.")] = "local",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Dask LocalCluster worker processes.")] = 2,
@@ -768,7 +772,7 @@ def batch_cmd(
         options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
                              fast=fast, tta=tta, torch_threads=torch_threads,
                              outputs=OutputOptions(dicom_seg=dicom_seg, seg_type=seg_type, stats=stats,  # type: ignore[arg-type]
-                                                   report=report),
+                                                   metrics=metrics, report=report),
                              executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
                              include_phi=include_phi)
         options.check_available()

@@ -35,7 +35,6 @@ import hashlib
 import logging
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -796,16 +795,15 @@ def write_dicom_seg(
             content_description=description[:64],
             transfer_syntax_uid=_TRANSFER_SYNTAX[compression],
         )
-    tmp = out_path.with_name(f".{uuid.uuid4().hex[:8]}.tmp.dcm")
+    from medseg.files import atomic_path
+
     try:
-        seg.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, out_path)
+        with atomic_path(out_path, keep_suffix=".dcm") as tmp:
+            seg.save_as(tmp, enforce_file_format=True)
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"{out_path}: could not write ({type(exc).__name__}: {exc}).") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote %s SEG with %d segment(s) over %d source frame(s) to %s", kind.upper(), len(present), len(planes),
              out_path)
     return out_path
