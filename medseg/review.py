@@ -35,6 +35,8 @@ __all__ = [
     "review_record",
 ]
 
+_CHUNK = 1 << 22
+
 ReviewStatus = Literal["not started", "in progress", "done", "flagged"]
 REVIEW_STATUSES: tuple[str, ...] = ("not started", "in progress", "done", "flagged")
 
@@ -143,9 +145,12 @@ class LabelTally:
         self.sums: np.ndarray = np.zeros(size)
         self.sumsq: np.ndarray = np.zeros(size)
         if image is not None:
-            img = image.ravel().astype(np.float64)
-            self.sums = np.bincount(flat, weights=img, minlength=size)
-            self.sumsq = np.bincount(flat, weights=img * img, minlength=size)
+            img_flat = image.ravel()
+            for start in range(0, flat.size, _CHUNK):  # chunks: float64 weights of a whole CT would be 8 B/voxel
+                lab = flat[start:start + _CHUNK]
+                img = img_flat[start:start + _CHUNK].astype(np.float64)
+                self.sums += np.bincount(lab, weights=img, minlength=size)
+                self.sumsq += np.bincount(lab, weights=img * img, minlength=size)
         self.added = np.zeros(size, dtype=np.int64)
         self.removed = np.zeros(size, dtype=np.int64)
         if proposal is not None:

@@ -4,6 +4,7 @@ window presets, the Segment widget (equal to medseg.segment, Cancel)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,25 @@ def screen_centroids(viewer, labels_layer, colours: dict[int, tuple[float, float
     return out
 
 
+def window_screenshot(viewer, name: str) -> np.ndarray:
+    """A screenshot of the whole window (widgets included); saved into $MEDSEG_SCREENSHOT_DIR when set (the README's
+    pictures are made this way: ``MEDSEG_SCREENSHOT_DIR=docs make test``)."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer.window._qt_window.resize(1600, 1000)
+    for _ in range(20):  # let the docks lay out
+        QApplication.processEvents()
+        time.sleep(0.02)
+    shot = viewer.screenshot(canvas_only=False, flash=False)
+    assert shot.ndim == 3 and shot[..., :3].std() > 10  # not blank
+    folder = os.environ.get("MEDSEG_SCREENSHOT_DIR")
+    if folder:
+        from PIL import Image
+
+        Image.fromarray(shot).save(Path(folder) / name)
+    return shot
+
+
 # ---- manifest and reader ---------------------------------------------------------------------------------------
 def test_manifest_validates_with_npe2() -> None:
     npe2 = shutil.which("npe2", path=str(Path(sys.executable).parent))
@@ -151,6 +171,18 @@ def test_totalsegmentator_ct_and_labels_land_in_the_patient(make_napari_viewer, 
     assert mean_under(labels, image, LIVER) == pytest.approx(89.3, abs=1.0)
     assert mean_under(labels, image, LIVER, flip_axis=1) < -50  # front-back flipped overlay: ≈ -75 HU
     assert mean_under(labels, image, LIVER, flip_axis=2) < 50  # mirrored overlay: ≈ +11 HU
+    if stored == "dicom":
+        from medseg_napari._review import ReviewWidget
+        from medseg_napari._view import ViewWidget
+
+        review = ReviewWidget(viewer)
+        viewer.window.add_dock_widget(review, name="Review")
+        viewer.window.add_dock_widget(ViewWidget(viewer), name="View", area="left")
+        labels = review.layer  # the Review widget swapped the plain Labels layer for a ReviewLabels copy
+        assert labels.name == "seg" and hasattr(labels, "history_listeners")
+        review.select_label(LIVER)
+        viewer.reset_view()
+        window_screenshot(viewer, "napari-totalsegmentator.png")
     # on screen: axial view (the default), liver left of centre, spine below the liver and in the lower half
     viewer.dims.set_point(0, float(data_to_world(labels, np.array([[10.0, 0, 0]]))[0, 0]))
     centres = screen_centroids(viewer, labels, {LIVER: (1.0, 0.0, 0.0), SPINE[0]: (0.0, 1.0, 0.0),
@@ -200,7 +232,7 @@ def _segment_widget(viewer, qtbot):
 
     viewer.open_sample("medseg", "phantom")
     widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+    viewer.window.add_dock_widget(widget, name="Segment")
     return widget
 
 
@@ -209,7 +241,7 @@ def test_segment_widget_equals_medseg_segment_and_cancel_stops_within_a_second(m
     import medseg
     from medseg.display import volume_from_layer
 
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     widget = _segment_widget(viewer, qtbot)
     image = viewer.layers[0]
     assert widget.model_combo.currentText() == "phantom-abdomen-ct"
@@ -227,14 +259,25 @@ def test_segment_widget_equals_medseg_segment_and_cancel_stops_within_a_second(m
     colours = label_colors(expected.labels.labels)
     assert np.allclose(reviewed.colormap.color_dict[1], colours[1])
     assert widget.progress_bar.value() == widget.progress_bar.maximum() > 1
+    from medseg_napari._review import ReviewWidget
+
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review")
+    assert review.layer is reviewed and review.proposal is ai
+    review.reference_combo.setCurrentText("phantom truth")
+    assert review.compare()[1][0] > 0.9  # liver Dice of the shipped model against the phantom's truth
+    review.select_label(1)
+    window_screenshot(viewer, "napari-phantom-review.png")
     # re-running never overwrites edits without asking
     with reviewed.block_history():
         reviewed.data_setitem((np.array([0]), np.array([0]), np.array([0])), 3)
-    widget.confirm_replace = lambda: False
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=180_000):
-        pass
-    assert reviewed.data[0, 0, 0] == 3 and "Kept your edits" in widget.status.text()
+    asked = []
+    widget.confirm_replace = lambda: asked.append(1) or False
+    widget._on_result(widget.last_result, image)  # the same result arriving again
+    assert asked and reviewed.data[0, 0, 0] == 3 and "Kept your edits" in widget.status.text()
+    widget.confirm_replace = lambda: True
+    widget._on_result(widget.last_result, image)
+    assert np.array_equal(reviewed.data, want) and not reviewed._undo_history
     # Cancel: stop between windows, within a second of the click
     worker = widget.run()
     qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=60_000)

@@ -105,7 +105,8 @@ class ReviewWidget(QWidget):
         self.grid = QTableWidget(0, len(COLUMNS))
         self.grid.setHorizontalHeaderLabels(list(COLUMNS))
         self.grid.verticalHeader().setVisible(False)
-        layout.addWidget(self.grid)
+        self.grid.setMinimumHeight(280)
+        layout.addWidget(self.grid, stretch=1)
         row = QHBoxLayout()
         self.changes_check = QCheckBox("show voxels added / removed vs AI")
         self.compare_button = QPushButton("Dice / HD95 vs reference")
@@ -118,6 +119,7 @@ class ReviewWidget(QWidget):
         self.lesion_grid = QTableWidget(0, 4)
         self.lesion_grid.setHorizontalHeaderLabels(["#", "mL", "longest axis mm", "mean"])
         self.lesion_grid.verticalHeader().setVisible(False)
+        self.lesion_grid.setMaximumHeight(110)
         lesion_layout.addWidget(self.lesion_grid)
         nav = QHBoxLayout()
         self.prev_button = QPushButton("◀ previous")
@@ -303,7 +305,12 @@ class ReviewWidget(QWidget):
         voxel_ml = abs(float(np.linalg.det(np.asarray(info["affine"])[:3, :3]))) / 1000.0
         self.tally = LabelTally(data, voxel_volume_ml=voxel_ml, image=image, proposal=proposal)
         self.table = layer_table(self.layer)
-        self._values = [r.value for r in self.tally.rows(self.table)]
+        present = set(np.flatnonzero(self.tally.counts).tolist())
+        if proposal is not None:
+            present |= set(np.flatnonzero(self.tally.removed).tolist())
+        table_values = list(self.table or ())
+        # a model's few labels are all listed; a long table (e.g. TotalSegmentator's 117) lists those present
+        self._values = sorted((set(table_values) if len(table_values) <= 20 else set()) | (present - {0}))
         self._lesion_counts = {}
         self._update_lesion_counts()
         self._fill_table()
@@ -391,6 +398,8 @@ class ReviewWidget(QWidget):
     def _fill_table(self) -> None:
         self._filling = True
         try:
+            self.grid.clearContents()
+            self.grid.setRowCount(0)
             self.grid.setRowCount(len(self._values))
             for row, v in enumerate(self._values):
                 lab = self.table.get(v) if self.table is not None else None
@@ -416,6 +425,7 @@ class ReviewWidget(QWidget):
                 status.currentTextChanged.connect(lambda s, val=v: self.statuses.__setitem__(val, s))
                 self.grid.setCellWidget(row, COLUMNS.index("status"), status)
             self._refresh_rows({v: [0, 0] for v in self._values})
+            self.grid.resizeColumnsToContents()
         finally:
             self._filling = False
 
