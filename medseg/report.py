@@ -31,6 +31,7 @@ import numpy as np
 
 from medseg.display import CT_WINDOW_HU, display_slices
 from medseg.errors import ResultsLayoutError
+from medseg.files import atomic_write_text
 from medseg.labels import default_color
 from medseg.metrics import (
     DEFAULT_NSD_TOLERANCE_MM,
@@ -527,12 +528,6 @@ def build_report(
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_report(
     results_dir: str | Path,
     out_html: str | Path,
@@ -578,12 +573,12 @@ def write_report(
     n_eval = sum(c.evaluation is not None for c in cases)
     if n_eval:
         p = out.with_name(out.stem + "_metrics.csv")
-        _atomic_write(p, metrics_csv(cases))
+        atomic_write_text(p, metrics_csv(cases))
         csv_paths.append(p)
     p = out.with_name(out.stem + "_stats.csv")
-    _atomic_write(p, stats_csv(cases))
+    atomic_write_text(p, stats_csv(cases))
     csv_paths.append(p)
     json_path = out.with_name(out.stem + ".json")
-    _atomic_write(json_path, json.dumps(cases_json(cases), indent=2, allow_nan=False) + "\n")
-    _atomic_write(out, page)
+    atomic_write_text(json_path, json.dumps(cases_json(cases), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out, page)
     return ReportResult(out, tuple(csv_paths), json_path, len(cases), n_eval)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,11 @@ from medseg.errors import (
     GeometryError,
     LabelTableError,
     MedsegError,
+    MultipleVolumesError,
     UnreadableFileError,
     UnsupportedFormatError,
 )
+from medseg.files import atomic_path
 from medseg.labels import LabelTable, sidecar_path
 from medseg.volume import SourceReferences, Volume
 
@@ -29,6 +30,7 @@ _ITK = (".nrrd", ".nhdr", ".mha", ".mhd")
 READ_FORMATS = (
     "a folder of DICOM files (any names, subfolders included)",
     "a single DICOM file (.dcm or no extension; enhanced multi-frame included)",
+    "DICOM SEG (BINARY, FRACTIONAL, LABELMAP; any file name): a label map with its label table",
     "NIfTI (.nii, .nii.gz)",
     "NRRD (.nrrd, .nhdr)",
     "MetaImage (.mha, .mhd)",
@@ -129,7 +131,14 @@ def detect_format(path: str | os.PathLike[str]) -> str | None:
         return None
 
 
-def load_volume(path: str | os.PathLike[str], *, series_uid: str | None = None, modality: str | None = None) -> Volume:
+def load_volume(
+    path: str | os.PathLike[str],
+    *,
+    series_uid: str | None = None,
+    modality: str | None = None,
+    volume: int | None = None,
+    skip_unreadable: bool = False,
+) -> Volume:
     """Load a scan or label map, on its own world grid.
 
     Parameters
@@ -140,6 +149,12 @@ def load_volume(path: str | os.PathLike[str], *, series_uid: str | None = None, 
         For a DICOM folder holding several series: which one (see :func:`medseg.io.list_series`).
     modality : str, optional
         Modality to record for formats that do not store one (NIfTI, NRRD, MHA); DICOM's own value wins.
+    volume : int, optional
+        Which volume (from 0) of a file or series holding several at the same positions: a DICOM multi-volume
+        file or 4D series (see :func:`medseg.io.list_volumes`), or the last axis of a 4D NIfTI/NRRD/MHA.
+    skip_unreadable : bool
+        DICOM folders: leave damaged files out, each named in a logged warning and recorded in
+        ``volume.source.skipped``, instead of failing on the first one.
 
     Returns
     -------
@@ -154,33 +169,49 @@ def load_volume(path: str | os.PathLike[str], *, series_uid: str | None = None, 
     UnreadableFileError
         For a missing, truncated or corrupt file (named).
     DicomSeriesError
-        For DICOM folders that do not form one volume (several series, gaps, tilt, ...).
+        For DICOM folders that do not form one volume (several series or volumes, gaps, tilt, a damaged file, ...).
     """
     p = Path(path)
+    if volume is not None and (isinstance(volume, bool) or not isinstance(volume, int) or volume < 0):
+        raise MultipleVolumesError(f"{p}: volume must be a whole number from 0, not {volume!r}.")
     try:
-        volume = _load(p, series_uid=series_uid)
+        loaded = _load(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
     except MedsegError as exc:
         raise _with_path(exc, p) from None
-    if modality is not None and volume.modality is None:
-        volume = Volume(volume.array, volume.affine, modality=modality.upper(), labels=volume.labels, source=volume.source)
-    return volume
+    if modality is not None and loaded.modality is None:
+        loaded = Volume(loaded.array, loaded.affine, modality=modality.upper(), labels=loaded.labels, source=loaded.source)
+    return loaded
 
 
-def _load(p: Path, *, series_uid: str | None) -> Volume:
+def _one_volume(volume: Volume, p: Path, index: int | None) -> Volume:
+    """The ``index``-th volume along the last axis of a 4D image (a 3D image has one, number 0)."""
+    n = 1 if volume.array.ndim == 3 else volume.array.shape[3]
+    if index is None or (index == 0 and n == 1):
+        return volume
+    if index >= n:
+        raise MultipleVolumesError(f"{p}: no volume {index}; the image holds {n} (numbered from 0).")
+    return Volume(volume.array[..., index], volume.affine, modality=volume.modality, source=volume.source)
+
+
+def _load(p: Path, *, series_uid: str | None, volume: int | None, skip_unreadable: bool) -> Volume:
     from medseg.io import dicom
 
     if not p.exists():
         raise UnreadableFileError(f"{p}: no such file or folder.")
     if p.is_dir():
-        return dicom.load_dicom_series(p, series_uid=series_uid)
+        return dicom.load_dicom_series(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
     if series_uid is not None:
         log.warning("%s: series_uid is ignored for a single file", p)
     if _suffix(p, _NIFTI):
-        volume = _load_nifti(p)
+        loaded = _one_volume(_load_nifti(p), p, volume)
     elif _suffix(p, _ITK):
-        volume = _load_itk(p)
+        loaded = _one_volume(_load_itk(p), p, volume)
     elif p.suffix.lower() in (".dcm", ".dicom", ".ima", "") or dicom.is_dicom_file(p):
-        return dicom.load_dicom_file(p)
+        from medseg.io import dicom_seg
+
+        if dicom_seg.is_dicom_seg(p):
+            return dicom_seg.load_segmentation(p)
+        return dicom.load_dicom_file(p, volume=volume)
     else:
         raise UnsupportedFormatError(
             f"{p}: unsupported file type {p.suffix!r}. medseg reads " + "; ".join(READ_FORMATS) + "."
@@ -192,8 +223,8 @@ def _load(p: Path, *, series_uid: str | None) -> Volume:
         except LabelTableError as exc:
             log.warning("ignoring unreadable label table %s: %s", sidecar, exc)
         else:
-            volume = Volume(volume.array, volume.affine, modality=volume.modality, labels=table, source=volume.source)
-    return volume
+            loaded = Volume(loaded.array, loaded.affine, modality=loaded.modality, labels=table, source=loaded.source)
+    return loaded
 
 
 def _load_nifti(p: Path) -> Volume:
@@ -277,7 +308,7 @@ def save_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     suffix = _suffix(p, WRITE_SUFFIXES)
     if suffix is None:
         raise UnsupportedFormatError(
-            f"{p}: cannot write {p.suffix!r}; medseg writes " + ", ".join(WRITE_SUFFIXES) + " (DICOM SEG via medseg.io)."
+            f"{p}: cannot write {p.suffix!r}; medseg writes " + ", ".join(WRITE_SUFFIXES) + " (DICOM SEG: medseg.io.write_dicom_seg)."
         )
     if not p.parent.exists():
         raise UnreadableFileError(f"{p}: folder {p.parent} does not exist.")
@@ -289,26 +320,20 @@ def save_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     elif array.dtype == np.float64:
         array = array.astype(np.float32)
     out = Volume(array, volume.affine, modality=volume.modality, labels=volume.labels)
-    tmp = p.with_name(f".{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        if suffix in _NIFTI:
-            import nibabel as nib
+        with atomic_path(p, keep_suffix=suffix) as tmp:
+            if suffix in _NIFTI:
+                import nibabel as nib
 
-            nib.save(out.to_nibabel(), str(tmp))
-        else:
-            import SimpleITK as sitk
+                nib.save(out.to_nibabel(), str(tmp))
+            else:
+                import SimpleITK as sitk
 
-            sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=True)
-        os.replace(tmp, p)
+                sitk.WriteImage(out.to_sitk(), str(tmp), useCompression=True)
         if volume.labels is not None:
-            side = sidecar_path(p)
-            side_tmp = side.with_name(side.name + ".tmp")
-            volume.labels.save(side_tmp)
-            os.replace(side_tmp, side)
+            volume.labels.save(sidecar_path(p))
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"{p}: could not write ({type(exc).__name__}: {exc}).") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return p
