@@ -239,27 +239,34 @@ def test_export_reads_back_identical_with_the_review_record(review, tmp_path: Pa
     assert "dicom_seg" not in files  # a phantom made in memory has no DICOM source
 
 
-def test_export_of_a_dicom_source_writes_seg_or_says_why_not(make_napari_viewer, tmp_path: Path) -> None:
+def test_export_of_a_dicom_source_writes_a_semiautomatic_seg(make_napari_viewer, tmp_path: Path) -> None:
+    import pydicom
     from medseg_napari._reader import read_medseg
 
+    from medseg.io import load_segmentation
+    from medseg.labels import LabelTable
+
     viewer = make_napari_viewer()
-    for data, kwargs, kind in read_medseg(str(DATA / "dicom_seg_example" / "ct_3slice")):
+    for data, kwargs, _kind in read_medseg(str(DATA / "dicom_seg_example" / "ct_3slice")):
         viewer.add_image(data, **kwargs)
     ct = load_volume(DATA / "dicom_seg_example" / "ct_3slice")
     seg = load_volume(DATA / "dicom_seg_example" / "liver_seg.nrrd")
-    from medseg.labels import LabelTable
-
     labels = Volume(seg.array.astype(np.uint8), ct.affine, labels=LabelTable.from_names({1: "liver"}),
                     source=ct.source)
     data, kwargs, _ = labels_layer_data(labels, "Reviewed")
+    kwargs["metadata"]["medseg"]["model"] = {"name": "m", "version": "2", "weights_sha256": "ab" * 32}
     viewer.add_layer(ReviewLabels(data, **kwargs))
     widget = ReviewWidget(viewer)
     viewer.window.add_dock_widget(widget)
+    widget.layer.selected_label = 1
+    widget.layer.paint((1, 100, 100), 1)  # one edit, so the SEG holds reviewed labels, not the file's
     files = widget.export(tmp_path, reviewer="r")
     record = json.loads(Path(files["review_record"]).read_text())
-    import medseg.io
+    assert record["dicom_seg_note"] is None and record["files"]["dicom_seg"] == files["dicom_seg"]
+    back = load_segmentation(files["dicom_seg"], reference=ct)
+    from medseg.display import volume_from_layer
 
-    if hasattr(medseg.io, "write_dicom_seg"):
-        assert Path(files["dicom_seg"]).is_file() and record["dicom_seg_note"] is None
-    else:
-        assert "dicom_seg" not in files and "no DICOM SEG writer" in record["dicom_seg_note"]
+    assert np.array_equal(back.array, volume_from_layer(widget.layer.data, widget.layer.metadata).array)
+    ds = pydicom.dcmread(files["dicom_seg"], stop_before_pixels=True)
+    assert ds.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert ds.SegmentSequence[0].SegmentAlgorithmName.startswith("m")

@@ -72,6 +72,7 @@ def _notify_info(message: str) -> None:
 
 def _read_one(path: Path) -> list[LayerData]:
     from medseg.io import detect_format, list_series, load_volume
+    from medseg_napari._layers import labels_layer_data
 
     kind = detect_format(path)
     if kind == "dicom-folder":
@@ -90,13 +91,10 @@ def _read_one(path: Path) -> list[LayerData]:
             layers += volume_layers(volume, name)
         return layers
     if kind == "dicom-seg":
-        try:
-            from medseg.io.dicom_seg import load_segmentation  # type: ignore[import-not-found]
-        except ImportError:
-            _notify_error(f"{path}: a DICOM SEG; this medseg build has no DICOM SEG reader yet (medseg.io.dicom_seg). "
-                          "Open the labels as NIfTI, or update medseg.")
-            return []
-        return volume_layers(load_segmentation(path), path.name)
+        from medseg.io import load_segmentation
+
+        seg = load_segmentation(path)  # on the SEG's own frame grid: it overlays its scan by world position
+        return [labels_layer_data(seg, path.stem)]
     volume = load_volume(path)
     name = path.name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):

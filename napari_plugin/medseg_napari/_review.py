@@ -687,18 +687,20 @@ class ReviewWidget(QWidget):
             self._guard(lambda: self.export(folder, reviewer=self.reviewer_edit.text()))
 
     def export(self, folder: str | os.PathLike[str], *, reviewer: str) -> dict[str, str]:
-        """Write the reviewed labels (NIfTI; DICOM SEG for DICOM sources), a statistics CSV and the review record.
+        """Write the reviewed labels (NIfTI; a SEMIAUTOMATIC DICOM SEG for DICOM sources), a statistics CSV and the
+        review record.
 
         Every written label file is read back and compared with the layer (labels and geometry) before success is
-        reported. Returns kind → path.
+        reported. When the SEG writer refuses (e.g. a source with blank UIDs), the record and the status say why.
+        Returns kind → path.
 
         Raises
         ------
         GeometryError
             If a written file does not read back identical.
         """
-        from medseg.errors import DicomWriteError, GeometryError, UnsupportedFormatError
-        from medseg.io import load_volume, save_volume
+        from medseg.errors import GeometryError
+        from medseg.io import detect_format, load_volume, save_volume
         from medseg.stats import volume_stats
         from medseg_napari._layers import layer_volume
         from medseg_napari._writer import write_seg
@@ -714,19 +716,23 @@ class ReviewWidget(QWidget):
         if not (back.same_grid(seg) and np.array_equal(back.array, seg.array) and back.labels == seg.labels):
             raise GeometryError(f"{nifti}: read back different from the reviewed labels; the export is not valid.")
         files["labels"] = str(nifti)
-        seg_note = None
-        if seg.source is not None and seg.source.sop_instance_uids:
-            try:
-                files["dicom_seg"] = str(write_seg(seg, out / "reviewed_seg.dcm"))
-            except (UnsupportedFormatError, DicomWriteError) as exc:
-                seg_note = str(exc)
         image = layer_volume(self.image) if self.image is not None else None
         if image is not None and not image.same_grid(seg):
             image = None
+        model = self.layer.metadata[METADATA_KEY].get("model")
+        seg_note = None
+        if seg.source is not None and seg.source.files and seg.source.sop_instance_uids and \
+                detect_format(seg.source.files[0]) == "dicom":
+            try:
+                source = image if image is not None and image.source == seg.source else None
+                files["dicom_seg"] = str(write_seg(seg, out / "reviewed_seg.dcm", source=source, model=model))
+            except GeometryError:
+                raise
+            except MedsegError as exc:  # e.g. blank source UIDs or a label without a coded concept: say so
+                seg_note = str(exc)
         stats_path = out / "statistics.csv"
         stats_path.write_text(volume_stats(seg, image).to_csv())
         files["statistics"] = str(stats_path)
-        model = self.layer.metadata[METADATA_KEY].get("model")
         record = review_record(self.tally, table=self.table, statuses=self.statuses, edits=self.edits,
                                reviewer=reviewer, started=self.started, model=model, files=files)
         record["dicom_seg_note"] = seg_note

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import DicomWriteError, GeometryError, UnsupportedFormatError
+import numpy as np
+
+from medseg.errors import DicomWriteError, GeometryError
 
 __all__ = ["labels_volume_from_attributes", "write_labels"]
 
@@ -38,7 +40,7 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     GeometryError
         If the layer carries no medseg geometry.
     UnsupportedFormatError, DicomWriteError
-        For other suffixes, or DICOM SEG when the source is not DICOM or this build cannot write SEG yet.
+        For other suffixes, or DICOM SEG when the source is not DICOM (and what the SEG writer raises).
     """
     from medseg.io import save_volume
     from medseg.labels import sidecar_path
@@ -46,7 +48,8 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     volume = labels_volume_from_attributes(data, attributes)
     p = Path(path)
     if p.suffix.lower() == ".dcm":
-        return [str(write_seg(volume, p))]
+        model = (attributes.get("metadata") or {}).get("medseg", {}).get("model")
+        return [str(write_seg(volume, p, model=model))]
     save_volume(volume, p)
     written = [str(p)]
     if volume.labels is not None:
@@ -54,28 +57,50 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     return written
 
 
-def write_seg(volume: Any, path: Path, *, algorithm_type: str = "SEMIAUTOMATIC") -> Path:
-    """DICOM SEG of a label volume whose source is a DICOM series.
+def write_seg(volume: Any, path: Path, *, source: Any = None, model: Any = None,
+              algorithm_type: str = "SEMIAUTOMATIC") -> Path:
+    """DICOM SEG of a label volume whose source is a DICOM series, read back and checked before returning.
+
+    Parameters
+    ----------
+    volume : Volume
+        Labels on the source grid, with their label table and the source's references.
+    path : Path
+        The SEG file to write.
+    source : Volume, optional
+        The DICOM scan (default: the folder of the files the labels' source references name).
+    model : mapping, optional
+        ``{"name", "version", "weights_sha256"}`` of the model that proposed the labels (default: the review tool).
+    algorithm_type : str
+        SEMIAUTOMATIC: a model's proposal edited by a person.
 
     Raises
     ------
     DicomWriteError
-        If the source is not DICOM or this medseg build has no DICOM SEG writer yet.
+        If the source is not DICOM.
+    MedsegError
+        What :func:`medseg.io.write_dicom_seg` raises (blank source UIDs, labels without a coded concept, ...).
+    GeometryError
+        If the written SEG does not read back identical on the source grid.
     """
-    source = volume.source
-    if source is None or not source.files or not source.sop_instance_uids:
+    import medseg
+    from medseg.io import load_segmentation, write_dicom_seg
+    from medseg.io.dicom_seg import SegAlgorithm
+
+    refs = volume.source
+    if refs is None or not refs.files or not refs.sop_instance_uids:
         raise DicomWriteError(
             f"{path}: DICOM SEG needs a DICOM source series; these labels were made on a non-DICOM scan. "
             "Write NIfTI (.nii.gz) instead."
         )
-    try:
-        import medseg.io as mio
-
-        write_dicom_seg = mio.write_dicom_seg  # type: ignore[attr-defined]
-    except AttributeError:
-        raise UnsupportedFormatError(
-            f"{path}: this medseg build has no DICOM SEG writer yet (medseg.io.write_dicom_seg); nothing was written. "
-            "Write NIfTI (.nii.gz) for now."
-        ) from None
-    series_folder = Path(source.files[0]).parent
-    return Path(write_dicom_seg(volume, series_folder, path, algorithm_type=algorithm_type))
+    if source is None:
+        source = Path(refs.files[0]).parent
+    if model:
+        algorithm = SegAlgorithm(str(model["name"]), str(model["version"]), model.get("weights_sha256"))
+    else:
+        algorithm = SegAlgorithm("medseg napari review", medseg.__version__)
+    written = Path(write_dicom_seg(volume, source, path, algorithm=algorithm, algorithm_type=algorithm_type))  # type: ignore[arg-type]
+    back = load_segmentation(written, reference=volume)
+    if not np.array_equal(back.array, volume.array):
+        raise GeometryError(f"{written}: the DICOM SEG reads back different from the labels; do not use it.")
+    return written
