@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from medseg.errors import DeviceError, ModalityMismatchError, ModelCardError, WeightsError
+from medseg.errors import (
+    DeviceError,
+    ModalityMismatchError,
+    ModelCardError,
+    SegmentationCancelledError,
+    WeightsError,
+)
 from medseg.labels import LabelTable
 from medseg.volume import Volume
 
@@ -32,11 +38,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from medseg.models.cards import ModelCard
 
-__all__ = ["InferenceOptions", "Segmentation", "Segmenter", "choose_device", "segment"]
+__all__ = ["CancelHook", "InferenceOptions", "ProgressHook", "Segmentation", "Segmenter", "choose_device", "segment"]
 
 logger = logging.getLogger(__name__)
 
 StitchDevice = Literal["auto", "host", "compute"]
+#: ``progress(done, total)``: sliding windows done out of the total (1 of 1 for classical models).
+ProgressHook = Callable[[int, int], None]
+#: ``cancel()`` → True to stop; checked before each batch of windows.
+CancelHook = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -347,7 +357,12 @@ class Segmenter:
 
     # ---- running ------------------------------------------------------------------------------------------
     def segment(
-        self, volume: Volume | str | Path | Sequence[Volume | str | Path], *, probabilities: bool = False
+        self,
+        volume: Volume | str | Path | Sequence[Volume | str | Path],
+        *,
+        probabilities: bool = False,
+        progress: ProgressHook | None = None,
+        cancel: CancelHook | None = None,
     ) -> Segmentation:
         """Segment one volume.
 
@@ -358,6 +373,12 @@ class Segmenter:
             multi-channel model also one scan per channel (see :meth:`combine_channels`).
         probabilities : bool
             Also return per-class probabilities on the input grid (costs classes × voxels × 4 bytes).
+        progress : callable, optional
+            Called as ``progress(done, total)`` with sliding windows done (skipped ones included) after each batch
+            of windows, from the thread running the segmentation; classical models report ``(0, 1)`` and ``(1, 1)``.
+        cancel : callable, optional
+            Called before each batch of windows; when it returns True the segmentation stops and raises
+            :class:`~medseg.errors.SegmentationCancelledError`.
 
         Returns
         -------
@@ -368,6 +389,8 @@ class Segmenter:
         ------
         ModalityMismatchError, NotVolumetricError, ChannelCountError
             For a volume the model cannot take.
+        SegmentationCancelledError
+            When ``cancel()`` returned True.
         """
         if not isinstance(volume, (Volume, str, Path)):
             volume = self.combine_channels(list(volume))
@@ -378,13 +401,19 @@ class Segmenter:
         t0 = time.perf_counter()
         self.check_modality(volume)
         if self._function is not None:
-            return self._segment_classical(volume, t0)
+            _check_cancel(cancel, self.card.name)
+            if progress is not None:
+                progress(0, 1)
+            result = self._segment_classical(volume, t0)
+            if progress is not None:
+                progress(1, 1)
+            return result
         if self._bundle is not None:
             if probabilities:
                 logger.warning("probabilities are not returned for MONAI bundles (%s): their postprocessing "
                                "decides the output", self.card.name)
-            return self._segment_bundle(volume, t0)
-        return self._segment_network(volume, t0, probabilities)
+            return self._segment_bundle(volume, t0, progress, cancel)
+        return self._segment_network(volume, t0, probabilities, progress, cancel)
 
     def combine_channels(self, scans: Sequence[Volume | str | Path]) -> Volume:
         """Several scans as the model's input channels, matched to its channel names, on the first scan's grid.
@@ -431,7 +460,8 @@ class Segmenter:
         loaded = [s if isinstance(s, Volume) else load_volume(s) for s in scans]
         return stack_channels([loaded[i] for i in order], reference=loaded[0])
 
-    def _segment_bundle(self, volume: Volume, t0: float) -> Segmentation:
+    def _segment_bundle(self, volume: Volume, t0: float, progress: ProgressHook | None = None,
+                        cancel: CancelHook | None = None) -> Segmentation:
         from medseg.bundle_inference import (
             as_meta,
             check_channels,
@@ -450,7 +480,8 @@ class Segmenter:
         t1 = time.perf_counter()
         window = window_of(built.inferer, tuple(int(n) for n in x.shape[1:]))
         window["amp"] = built.amp and self._device.type == "cuda"  # MONAI's evaluator autocasts on CUDA only
-        logits, stats, stitched_on = self.predict(x.as_tensor().float(), window=window)
+        logits, stats, stitched_on = self.predict(x.as_tensor().float(), window=window, progress=progress,
+                                                  cancel=cancel)
         stats["network_grid_voxels"] = int(np.prod(x.shape[1:]))
         slab = int(self.options.slab_mb * 1024 * 1024)
         data[built.pred_key] = as_meta(logits.cpu(), x)
@@ -499,7 +530,8 @@ class Segmenter:
         return Segmentation(labels, None, self.card.name, self.card, "classical",
                             {"function": t1 - t0, "postprocess": t2 - t1, "total": t2 - t0}, {})
 
-    def _segment_network(self, volume: Volume, t0: float, probabilities: bool) -> Segmentation:
+    def _segment_network(self, volume: Volume, t0: float, probabilities: bool, progress: ProgressHook | None = None,
+                         cancel: CancelHook | None = None) -> Segmentation:
         from medseg.postprocess import postprocess_labels
         from medseg.transforms import (
             SLAB_BYTES,
@@ -514,7 +546,8 @@ class Segmenter:
         assert card.labels is not None
         prepared = prepare(volume, card, resample=self.options.resample)
         t1 = time.perf_counter()
-        logits, stats, stitched_on = self.predict(prepared.image, floor=prepared.floor)
+        logits, stats, stitched_on = self.predict(prepared.image, floor=prepared.floor, progress=progress,
+                                                  cancel=cancel)
         stats["network_grid_voxels"] = int(np.prod(prepared.image.shape[1:]))
         if logits.shape[0] != card.out_channels:
             raise ModelCardError(
@@ -546,7 +579,13 @@ class Segmenter:
         return Segmentation(labels, prob_volume, card.name, card, self.device, timings, stats)
 
     def predict(
-        self, image: torch.Tensor, *, floor: float | None = None, window: Mapping[str, Any] | None = None
+        self,
+        image: torch.Tensor,
+        *,
+        floor: float | None = None,
+        window: Mapping[str, Any] | None = None,
+        progress: ProgressHook | None = None,
+        cancel: CancelHook | None = None,
     ) -> tuple[torch.Tensor, dict[str, int], str]:
         """Sliding-window logits of a prepared image.
 
@@ -560,6 +599,8 @@ class Segmenter:
             Sliding-window parameters instead of the card's (a MONAI bundle's inferer): ``patch_size``,
             ``sw_batch_size``, ``overlap``, ``blending``, ``sigma_scale``, ``padding_mode``, ``cval``, ``amp``.
             Options given explicitly (overlap, blending, sw_batch_size, amp) still override them.
+        progress, cancel : callable, optional
+            As in :meth:`segment`.
 
         Returns
         -------
@@ -606,7 +647,19 @@ class Segmenter:
                 self._air[shape] = run(x)
             return self._air[shape]
 
+        overlap = win.get("overlap", card.inference.overlap) if opt.overlap is None else opt.overlap
+        total = _window_count(tuple(image.shape[1:]), roi, overlap)
+        done = [0]
+
         def predictor(x: torch.Tensor) -> torch.Tensor:
+            _check_cancel(cancel, card.name)
+            out = _predict_batch(x)
+            done[0] += x.shape[0]
+            if progress is not None:
+                progress(min(done[0], total), total)
+            return out
+
+        def _predict_batch(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device=dev, dtype=torch.float32)
             if not skip:
                 counters["windows"] += x.shape[0]
@@ -627,7 +680,6 @@ class Segmenter:
             out[empty] = a[0].to(full.dtype)
             return out
 
-        overlap = win.get("overlap", card.inference.overlap) if opt.overlap is None else opt.overlap
         mode = win.get("blending", card.inference.blending) if opt.blending is None else opt.blending
         batch = win.get("sw_batch_size", card.inference.sw_batch_size) if opt.sw_batch_size is None else \
             opt.sw_batch_size
@@ -664,6 +716,20 @@ class Segmenter:
                         need / 2**30, free / 2**30)
             return torch.device("cpu")
         return dev
+
+
+def _check_cancel(cancel: CancelHook | None, model: str) -> None:
+    if cancel is not None and cancel():
+        raise SegmentationCancelledError(f"Segmentation with {model!r} was cancelled; no labels were produced.")
+
+
+def _window_count(image_shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+    """Sliding windows MONAI's ``sliding_window_inference`` runs over an image (it pads the image up to the roi)."""
+    from monai.data.utils import dense_patch_slices
+
+    size = tuple(max(s, r) for s, r in zip(image_shape, roi))
+    interval = tuple(r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi))
+    return len(dense_patch_slices(size, roi, interval))
 
 
 def _is_scripted(net: Any) -> bool:

@@ -374,7 +374,7 @@ def test_cli_segment_writes_labels_and_sidecar(tmp_path: Path) -> None:
     assert mr.exists()
     assert res.exit_code == 2 and not (tmp_path / "mr_seg.nii.gz").exists()
     res = runner.invoke(app, ["models", "show", "ct-basci"])
-    assert res.exit_code == 2 and "Did you mean 'ct-basic'" in res.output
+    assert res.exit_code == 2 and "did you mean 'ct-basic'" in res.output
 
 
 @pytest.mark.gpu
@@ -421,7 +421,7 @@ def test_cli_fast_preset_is_built_for_the_requested_device(tmp_path: Path, monke
     import torch
     from typer.testing import CliRunner
 
-    import medseg.inference as inference
+    from medseg import inference
     from medseg.cli import app
     from medseg.io import save_volume
 

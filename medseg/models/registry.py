@@ -15,7 +15,6 @@ config before anything is parsed (:mod:`medseg.models.bundle_safety`), and never
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from medseg.models.cards import (
     ModelCard,
     load_card,
 )
+from medseg.schema import did_you_mean
 
 __all__ = ["ModelListing", "describe_model", "find_model", "is_bundle", "list_models", "load_bundle", "shipped_dir"]
 
@@ -149,11 +149,10 @@ def find_model(
         if card.name == name or (card.source is not None and card.source.stem == name):
             return card
     names = [c.name for c in listing.cards]
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    hint = did_you_mean(name, names, n=3, cutoff=0.5)
     broken = f" ({len(listing.problems)} entries could not be read: {listing.problems[0]})" if listing.problems else ""
     raise ModelNotFoundError(
-        f"No model named {name!r}.{hint} Known models: {', '.join(names) or 'none'}{broken}. Give a card path, a "
+        f"No model named {name!r}{hint}. Known models: {', '.join(names) or 'none'}{broken}. Give a card path, a "
         "bundle folder, or --models-dir FOLDER."
     )
 
