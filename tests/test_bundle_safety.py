@@ -200,3 +200,20 @@ def test_dints_arch_file_loads_weights_only_with_numpy_allowed(tmp_path: Path) -
     torch.save({"x": Path("/tmp")}, evil)
     with torch.serialization.safe_globals(_numpy_safe_globals()), pytest.raises(Exception, match="Weights only"):
         torch.load(evil)
+
+
+def test_batch_runner_refuses_then_trusts_the_scripts_bundle(tmp_path: Path) -> None:
+    """--trust-bundle-code reaches the batch runner too."""
+    from medseg.io import save_volume
+
+    bundle, marker = _hostile(tmp_path, "scripts")
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    save_volume(ct_like(), cases / "case1.nii.gz")
+    res = runner.invoke(app, ["batch", str(cases), "--model", str(bundle), "--out", str(tmp_path / "out"),
+                              "--device", "cpu", "--quiet", "--no-report", "--no-stats"])
+    assert res.exit_code != 0 and "trust-bundle-code" in res.output and not marker.exists()
+    res = runner.invoke(app, ["batch", str(cases), "--model", str(bundle), "--out", str(tmp_path / "out2"),
+                              "--device", "cpu", "--quiet", "--no-report", "--no-stats", "--trust-bundle-code"])
+    assert res.exit_code == 0, res.output
+    assert marker.exists() and list((tmp_path / "out2").rglob("pred.nii.gz"))
