@@ -365,16 +365,18 @@ def _monai_resample_slabs(
     lin_d = _linspace_from_neg_one(d_all, plan.align_corners, dtype)
     src = values.unsqueeze(0).contiguous()
     step = max(1, int(slab_bytes // max(1, (values.shape[0] + 4) * h * w * values.element_size())))
+    step = min(step, d_all)
+    full = torch.empty((1, step, h, w, 4), dtype=dtype)  # affine_grid's base grid; only the D column changes
+    full[..., 0].copy_(lin_w)
+    full[..., 1].copy_(lin_h.unsqueeze(-1))
+    full[..., 3].fill_(1)
     for d0 in range(0, d_all, step):
         d1 = min(d_all, d0 + step)
-        base = torch.empty((1, d1 - d0, h, w, 4), dtype=dtype)
-        base[..., 0].copy_(lin_w)
-        base[..., 1].copy_(lin_h.unsqueeze(-1))
+        base = full[:, :d1 - d0]
         base[..., 2].copy_(lin_d[d0:d1].unsqueeze(-1).unsqueeze(-1))
-        base[..., 3].fill_(1)
-        grid = base.view(1, -1, 4).bmm(theta34.transpose(1, 2)).view(1, d1 - d0, h, w, 3)
-        del base
+        grid = base.reshape(1, -1, 4).bmm(theta34.transpose(1, 2)).view(1, d1 - d0, h, w, 3)
         slab = F.grid_sample(src, grid, mode=mode, padding_mode=plan.padding_mode, align_corners=plan.align_corners)
+        del grid
         yield d0, d1, slab[0]
 
 
