@@ -762,6 +762,7 @@ def batch_cmd(
     include_phi: Annotated[bool, typer.Option("--include-phi", help="Put patient name, ID and birth date in the "
                                               "records and statistics.csv (off: case_id only).")] = False,
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     log_json: Annotated[bool, typer.Option("--log-json", help="One JSON line per event on stdout.")] = False,
 ) -> None:
@@ -774,7 +775,7 @@ def batch_cmd(
                              outputs=OutputOptions(dicom_seg=dicom_seg, seg_type=seg_type, stats=stats,  # type: ignore[arg-type]
                                                    metrics=metrics, report=report),
                              executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
-                             include_phi=include_phi)
+                             include_phi=include_phi, trust_bundle_code=trust_bundle_code)
         options.check_available()
         manifest = load_manifest_or_folder(inputs)
     except MedsegError as exc:

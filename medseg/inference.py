@@ -250,6 +250,9 @@ class Segmenter:
     network : callable, optional
         A predictor to use instead of building the card's network (``(B, C, *patch) → (B, out, *patch)``), e.g.
         an analytic function in tests or a model you already hold.
+    trust_bundle_code : bool
+        Run a MONAI bundle's own code (its ``scripts/`` package, expressions outside medseg's restricted set):
+        ``--trust-bundle-code``. Only for bundles from a source you trust.
 
     Raises
     ------
@@ -267,6 +270,7 @@ class Segmenter:
         models_dirs: Sequence[str | Path] = (),
         options: InferenceOptions | None = None,
         network: Callable[..., Any] | None = None,
+        trust_bundle_code: bool = False,
         **option_overrides: Any,
     ) -> None:
         from medseg.models.cards import ModelCard
@@ -277,7 +281,8 @@ class Segmenter:
         if unknown:
             raise TypeError(f"Unknown option(s) {unknown}; options are {sorted(names)}.")
         self.options = replace(options or InferenceOptions(), **option_overrides)
-        self.card: ModelCard = model if isinstance(model, ModelCard) else find_model(model, models_dirs=models_dirs)
+        self.card: ModelCard = model if isinstance(model, ModelCard) else find_model(
+            model, models_dirs=models_dirs, trust_code=trust_bundle_code)
         self._function: Callable[[Volume], Volume] | None = None
         self._nnunet: Any = None
         self._net: Any = None
@@ -800,6 +805,7 @@ def segment(
     model: str | Path | ModelCard,
     models_dirs: Sequence[str | Path] = (),
     probabilities: bool = False,
+    trust_bundle_code: bool = False,
     **options: Any,
 ) -> Segmentation:
     """Segment one volume with one model: ``Segmenter(model, **options).segment(volume)``.
@@ -814,6 +820,8 @@ def segment(
         User folders of cards and bundles.
     probabilities : bool
         Also return per-class probabilities.
+    trust_bundle_code : bool
+        See :class:`Segmenter`.
     **options
         Fields of :class:`InferenceOptions` (device, overlap, amp, tta, skip_empty, ...).
 
@@ -827,4 +835,5 @@ def segment(
     MedsegError
         Subclasses for a model that cannot be found or loaded, or a volume it cannot take.
     """
-    return Segmenter(model, models_dirs=models_dirs, **options).segment(volume, probabilities=probabilities)
+    return Segmenter(model, models_dirs=models_dirs, trust_bundle_code=trust_bundle_code, **options).segment(
+        volume, probabilities=probabilities)

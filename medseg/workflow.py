@@ -182,6 +182,8 @@ class RunOptions:
         Dask LocalCluster memory limit per worker (a worker above it is restarted and its case retried).
     include_phi : bool
         Add patient name, ID and birth date to the records and ``statistics.csv``.
+    trust_bundle_code : bool
+        Run a MONAI bundle's own code (``--trust-bundle-code``; see :class:`medseg.inference.Segmenter`).
     """
 
     model: str = "phantom-abdomen-ct"
@@ -200,6 +202,7 @@ class RunOptions:
     retries: int = 2
     memory_limit: str = "4GiB"
     include_phi: bool = False
+    trust_bundle_code: bool = False
 
     def __post_init__(self) -> None:
         if self.executor not in ("local", "dask"):
@@ -428,7 +431,7 @@ _MODEL_LOADS = [0]  # models loaded by this process (recorded per case: a worker
 def _segmenter(options: RunOptions) -> Segmenter:
     """The process's Segmenter for these options, loaded once (per process, so once per Dask worker)."""
     key = (options.model, options.models_dirs, options.device, options.fast, options.tta, options.overlap,
-           options.amp, options.torch_threads)
+           options.amp, options.torch_threads, options.trust_bundle_code)
     with _SEGMENTER_LOCK:
         if key not in _SEGMENTERS:
             from medseg.inference import InferenceOptions, Segmenter
@@ -448,7 +451,7 @@ def _segmenter(options: RunOptions) -> Segmenter:
             _SEGMENTERS.clear()  # one model per process
             _MODEL_LOADS[0] += 1
             _SEGMENTERS[key] = Segmenter(options.model, models_dirs=list(options.models_dirs), options=base,
-                                         **changes)
+                                         trust_bundle_code=options.trust_bundle_code, **changes)
         return _SEGMENTERS[key]  # type: ignore[no-any-return]
 
 
@@ -886,7 +889,7 @@ def run_batch(
 def _find_card(options: RunOptions) -> Any:
     from medseg.models import find_model
 
-    return find_model(options.model, models_dirs=list(options.models_dirs))
+    return find_model(options.model, models_dirs=list(options.models_dirs), trust_code=options.trust_bundle_code)
 
 
 # ---- workflow recipes -----------------------------------------------------------------------------------------
