@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck bench clean system-deps
+.PHONY: demo demo-phantoms test test-fast lint typecheck bench clean system-deps
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/medseg demo
+
+# The demo phantoms of data_manifests/demo-phantoms.json (seeded, so byte-identical to the recorded sha256).
+DEMO_PHANTOM_SEEDS := 101 102 103
+demo-phantoms: $(STAMP)
+	for s in $(DEMO_PHANTOM_SEEDS); do \
+	  test -d data/demo-phantoms/phantom-$$s || $(BIN)/medseg phantom data/demo-phantoms/phantom-$$s --seed $$s --shape 96,96,48; \
+	done
+	$(BIN)/medseg manifest check data_manifests/demo-phantoms.json
 
 system-deps:
 	@.ci/ensure-system-packages

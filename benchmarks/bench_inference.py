@@ -132,7 +132,7 @@ def write_case(folder: Path, name: str, shape, spacing, n_classes: int, pixdim, 
     import nibabel as nib
     import yaml
 
-    from medseg.models.weights import sha256_file
+    from medseg.files import sha256_file
 
     folder.mkdir(parents=True, exist_ok=True)
     key = {"shape": list(shape), "spacing": list(spacing), "n_classes": n_classes, "pixdim": list(pixdim),

@@ -5,7 +5,7 @@ Heavy dependencies (torch, MONAI, napari) are imported only by the functions tha
 """
 
 from medseg.errors import MedsegError
-from medseg.io import list_series, load_volume, save_volume
+from medseg.io import SegAlgorithm, list_series, load_segmentation, load_volume, save_volume, write_dicom_seg
 from medseg.labels import Label, LabelTable
 from medseg.metrics import evaluate
 from medseg.stats import volume_stats
@@ -17,6 +17,7 @@ __all__ = [
     "Label",
     "LabelTable",
     "MedsegError",
+    "SegAlgorithm",
     "Segmentation",
     "Segmenter",
     "SourceReferences",
@@ -24,10 +25,12 @@ __all__ = [
     "__version__",
     "evaluate",
     "list_series",
+    "load_segmentation",
     "load_volume",
     "save_volume",
     "segment",
     "volume_stats",
+    "write_dicom_seg",
 ]
 
 # Lazily imported (they need torch and MONAI): ``import medseg`` stays light.

@@ -1,6 +1,8 @@
 """The ``medseg`` command: a thin shell over the library (parse, call one function, present).
 
-``MedsegError`` becomes exit code 2 with one line on stderr; ``--debug`` shows the traceback.
+``MedsegError`` becomes exit code 2 with one line on stderr; ``--debug`` shows the traceback. Any other error
+is reported the same way as an internal error (exit code 1) with the traceback only under ``--debug``.
+``medseg batch`` and ``medseg run`` exit with 3 when the run finished with failed cases.
 """
 
 from __future__ import annotations
@@ -130,20 +132,26 @@ app.add_typer(models_app, name="models")
 _ModelsDir = Annotated[
     list[Path] | None,
     typer.Option("--models-dir", help="Folder of model cards / MONAI bundles, searched before the shipped ones "
-                 "(repeatable). Bundle configs can run code: use only folders you trust."),
+                 "(repeatable). Bundle configs are checked before anything of them runs."),
+]
+_TrustCode = Annotated[
+    bool,
+    typer.Option("--trust-bundle-code", help="Run MONAI bundles' own code: their scripts/ package and config "
+                 "expressions outside medseg's restricted set. Only for bundles from a source you trust."),
 ]
 
 
 @models_app.command("list")
 def models_list(
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the models medseg can run."""
+    """List the models medseg can run (bundles are read and checked, never run)."""
     from medseg.models import list_models
 
     try:
-        listing = list_models(models_dirs=models_dir or [])
+        listing = list_models(models_dirs=models_dir or [], trust_code=trust_bundle_code)
     except MedsegError as exc:
         fail(exc)
         return
@@ -163,21 +171,26 @@ def models_list(
 def models_show(
     name: Annotated[str, typer.Argument(help="Model name, card file or bundle folder.")],
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
 ) -> None:
-    """Show a model card (network, labels, preprocessing, weights, provenance) as JSON."""
-    from medseg.models import find_model
+    """Show a model as JSON: source, licence, labels, channels, versions, weights and their sha256, and for a MONAI
+    bundle what medseg will and will not run of it."""
+    from medseg.models import describe_model, find_model
 
     try:
-        card = find_model(name, models_dirs=models_dir or [])
+        card = find_model(name, models_dirs=models_dir or [], trust_code=trust_bundle_code)
+        print_json(describe_model(card))
     except MedsegError as exc:
         fail(exc)
         return
-    print_json(card.summary())
 
 
 @app.command("segment")
 def segment_cmd(
-    src: Annotated[Path, typer.Argument(help="Input scan (DICOM folder/file, NIfTI, NRRD, MHA).")],
+    src: Annotated[list[Path], typer.Argument(help=(
+        "Input scan (DICOM folder/file, NIfTI, NRRD, MHA). For a multi-channel model give one scan per channel "
+        "(e.g. T1C T1 T2 FLAIR: matched to the model's channel names by file name, else taken in the order given; "
+        "resampled onto the first scan's grid) or one 4D file."))],
     model: Annotated[str, typer.Option("--model", "-m", help=(
         "Model name, card file, MONAI bundle folder or nnU-Net result folder (or its fold_N / checkpoint).")
     )],
@@ -189,28 +202,35 @@ def segment_cmd(
     ))] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (default: on for CUDA).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help=(
-        "Fast preset: mixed precision, skip air-only windows, tuned batch, nearest-neighbour label inversion."
+        "Fast preset: mixed precision, skip air-only windows, windows per call tuned to the device, separable "
+        "resampling onto the network grid. Labels still go back with the exact trilinear inversion."
     ))] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Segment a scan; write labels on the scan's own grid with a label-table sidecar (.labels.json)."""
     from medseg.inference import InferenceOptions, Segmenter
     from medseg.io import load_volume, save_volume
+    from medseg.models import find_model
 
-    options = InferenceOptions.fast() if fast else InferenceOptions()
-    changes: dict[str, Any] = {"device": device, "overlap": overlap, "amp": amp if amp is not None else options.amp}
-    if tta is not None:
-        changes["tta"] = tta
     try:
-        segmenter = Segmenter(model, models_dirs=models_dir or [], options=options, **changes)
-        result = segmenter.segment(load_volume(src, series_uid=series_uid))
+        # The preset depends on the device (windows per call, channels-last on CPU): build it for --device.
+        options = InferenceOptions.fast(device=device) if fast else InferenceOptions(device=device)
+        changes: dict[str, Any] = {"overlap": overlap, "amp": amp if amp is not None else options.amp}
+        if tta is not None:
+            changes["tta"] = tta
+        card = find_model(model, models_dirs=models_dir or [], trust_code=trust_bundle_code)
+        segmenter = Segmenter(card, options=options, **changes)
+        scans = [load_volume(p, series_uid=series_uid) for p in src] if len(src) == 1 else list(src)
+        result = segmenter.segment(scans[0] if len(scans) == 1 else scans)
         written = save_volume(result.labels, out)
     except MedsegError as exc:
         fail(exc)
         return
-    summary = {"input": str(src), "output": str(written), **result.summary()}
+    summary = {"input": [str(p) for p in src] if len(src) > 1 else str(src[0]), "output": str(written),
+               **result.summary()}
     if as_json:
         print_json(summary)
         return
@@ -461,5 +481,200 @@ def report_cmd(
                   + ", ".join(str(p) for p in (*result.csv_paths, result.json_path)), highlight=False)
 
 
-def main() -> None:  # pragma: no cover - console entry point alias
-    app()
+# ---- manifests and batch runs -----------------------------------------------------------------------------------
+manifest_app = typer.Typer(help="Manifests: the cases of a batch run or a training (JSON, CSV, MSD dataset.json).",
+                           no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+
+
+@manifest_app.command("make")
+def manifest_make(
+    folder: Annotated[Path, typer.Argument(help="Folder of study folders (DICOM series or image files) or images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest to write (.json).")],
+    checksums: Annotated[bool, typer.Option("--checksums/--no-checksums", help="Record each file's sha256.")] = True,
+) -> None:
+    """One case per image series or file found (case ids from folder names), with sha256."""
+    from medseg.manifest import make_manifest
+
+    try:
+        manifest = make_manifest(folder, checksums=checksums)
+        written = manifest.save(out)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    labelled = len(manifest.labelled())
+    console.print(f"wrote {written}: {len(manifest)} case(s), {labelled} with reference labels", highlight=False, soft_wrap=True)
+
+
+@manifest_app.command("check")
+def manifest_check(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (JSON, CSV or MSD dataset.json).")],
+    load: Annotated[bool, typer.Option("--load/--no-load", help="Also load every image (unreadable, not 3D).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List every problem: missing files, duplicate ids, checksum mismatches, unreadable or non-3D images.
+
+    Exit status 0 when the manifest is clean, 3 when problems were found, 2 when it cannot be read.
+    """
+    from medseg.manifest import check_manifest
+
+    result = check_manifest(manifest, load_images=load)
+    if as_json:
+        print_json(result.to_json())
+    else:
+        for p in result.problems:
+            err_console.print(f"[red]{p.kind}[/] {p.case_id or '-'}: {p.message}", highlight=False, soft_wrap=True)
+        console.print(f"{manifest}: {result.n_cases} case(s), {len(result.problems)} problem(s)", highlight=False, soft_wrap=True)
+    if any(p.kind == "unreadable-manifest" for p in result.problems):
+        raise typer.Exit(2)
+    if result.problems:
+        raise typer.Exit(3)
+
+
+def _present_run(run: Any, *, quiet: bool, log_json: bool) -> Any:
+    """Run ``run(progress)`` with a rich progress bar (or JSON lines, or nothing); exit 0 / 3 (failed cases)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from medseg.workflow import RunEvent
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tally]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+                   disable=quiet or log_json)
+    task = bar.add_task("cases", total=None, tally="")
+
+    def show(ev: RunEvent) -> None:
+        if log_json:
+            sys.stdout.write(json.dumps(ev.to_json()) + "\n")
+            sys.stdout.flush()
+            return
+        tally = f"done {ev.done}  failed {ev.failed}  skipped {ev.skipped}"
+        if ev.kind == "start":
+            bar.update(task, total=ev.total, completed=0, tally=tally)
+        elif ev.kind == "case":
+            bar.update(task, completed=ev.done + ev.failed + ev.skipped, tally=tally)
+            if ev.record is not None and ev.record.state == "failed" and not quiet:
+                bar.console.print(f"[red]failed[/] {ev.record.case_id}: {ev.record.error}", highlight=False,
+                                  soft_wrap=True)
+
+    try:
+        with bar:
+            result = run(show)
+    except MedsegError as exc:
+        fail(exc)
+        return None
+    n_failed = len(result.failed)
+    if log_json:
+        sys.stdout.write(json.dumps({"event": "summary", "out_dir": str(result.out_dir),
+                                     "run_record": str(result.run_record), "exit_status": result.exit_status,
+                                     "failed_cases": [r.case_id for r in result.failed]}) + "\n")
+    elif not quiet:
+        console.print(f"{result.count('done')} done, {result.count('skipped')} skipped (already done), {n_failed} "
+                      f"failed in {result.seconds:.1f} s; results in {result.out_dir}", highlight=False, soft_wrap=True)
+        for name, p in (("statistics", result.statistics_csv), ("metrics", result.metrics_csv),
+                        ("report", result.report_html), ("run record", result.run_record)):
+            if p is not None:
+                console.print(f"  {name:<11} {p}", highlight=False, soft_wrap=True)
+    if n_failed:
+        err_console.print(f"{n_failed} case(s) failed: {', '.join(r.case_id for r in result.failed)} (each case's "
+                          "status.json says why)", highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
+    return result
+
+
+_EXIT_HELP = "Exit status: 0 every case done, 3 finished with failed cases (count printed), 2 usage or recipe error."
+
+
+@app.command("batch", epilog=_EXIT_HELP)
+def batch_cmd(
+    inputs: Annotated[Path, typer.Argument(help="A manifest (JSON, CSV, MSD dataset.json) or a folder of studies.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name, card file or MONAI bundle folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (OUT/<case_id>/pred.nii.gz, ...).")],
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="The fast inference preset (see medseg segment).")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation (8× slower).")] = False,
+    dicom_seg: Annotated[bool, typer.Option("--dicom-seg/--no-dicom-seg", help="DICOM SEG for DICOM inputs.")] = False,
+    seg_type: Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")] = "binary",
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics per case and statistics.csv.")] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="report.html over all cases.")] = True,
+    executor: Annotated[str, typer.Option("--executor", help="local (in-process) or dask.")] = "local",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Dask LocalCluster worker processes.")] = 2,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="A running Dask scheduler, tcp://HOST:PORT.")]
+    = None,
+    torch_threads: Annotated[int | None, typer.Option("--torch-threads", min=1, help="PyTorch threads per process.")]
+    = None,
+    include_phi: Annotated[bool, typer.Option("--include-phi", help="Put patient name, ID and birth date in the "
+                                              "records and statistics.csv (off: case_id only).")] = False,
+    models_dir: _ModelsDir = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="One JSON line per event on stdout.")] = False,
+) -> None:
+    """Segment every case of a manifest or folder; resumable (a rerun skips done cases); failed cases recorded."""
+    from medseg.workflow import OutputOptions, RunOptions, load_manifest_or_folder, run_batch
+
+    try:
+        options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
+                             fast=fast, tta=tta, torch_threads=torch_threads,
+                             outputs=OutputOptions(dicom_seg=dicom_seg, seg_type=seg_type, stats=stats,  # type: ignore[arg-type]
+                                                   report=report),
+                             executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
+                             include_phi=include_phi)
+        options.check_available()
+        manifest = load_manifest_or_folder(inputs)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    _present_run(lambda show: run_batch(manifest, out, options, progress=show), quiet=quiet, log_json=log_json)
+
+
+@app.command("run", epilog=_EXIT_HELP)
+def run_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Workflow recipe (YAML), e.g. workflows/ct-organs-phantoms.yaml.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key=value (repeatable), e.g. "
+                                                   "--set outputs.folder=/tmp/run.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    log_json: Annotated[bool, typer.Option("--log-json", help="One JSON line per event on stdout.")] = False,
+) -> None:
+    """Run a workflow recipe (batch segmentation with statistics, metrics and report). A training recipe runs
+    `medseg train` on it."""
+    from medseg.errors import WorkflowError
+    from medseg.schema import read_yaml
+    from medseg.workflow import is_training_recipe, load_workflow, run_workflow
+
+    try:
+        data = read_yaml(recipe, WorkflowError, what="recipe") if recipe.is_file() else None
+        if is_training_recipe(data):
+            if set_:
+                raise WorkflowError(f"{recipe}: --set applies to workflow recipes; edit the training recipe or use "
+                                  "`medseg train` options.")
+            train_cmd(recipe, out=None, resume=None, epochs=None, until_epoch=None, device=None, as_json=log_json)
+            return
+        workflow = load_workflow(recipe, overrides=set_ or [])
+    except MedsegError as exc:
+        fail(exc)
+        return
+    _present_run(lambda show: run_workflow(workflow, progress=show), quiet=quiet, log_json=log_json)
+
+
+def main() -> None:
+    """Console entry point: ``app()`` with no traceback for unexpected errors unless ``--debug`` is given."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False, soft_wrap=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the "
+                          "traceback, and please report it)", highlight=False, markup=True, soft_wrap=True)
+        raise SystemExit(1) from None

@@ -11,14 +11,17 @@ __all__ = [
     "ChannelCountError",
     "CheckpointMismatchError",
     "ChecksumMismatchError",
+    "DicomSegError",
     "DicomSeriesError",
     "DicomWriteError",
     "DuplicateSlicesError",
+    "EmptySegmentationError",
     "GantryTiltError",
     "GeometryError",
     "GridMismatchError",
     "InconsistentSeriesError",
     "LabelTableError",
+    "ManifestError",
     "MedsegError",
     "MissingDependencyError",
     "MissingSlicesError",
@@ -26,18 +29,27 @@ __all__ = [
     "ModelCardError",
     "ModelNotFoundError",
     "MultipleSeriesError",
+    "MultipleVolumesError",
     "NoImageSeriesError",
     "NonUniformSpacingError",
     "NotVolumetricError",
+    "OptionError",
+    "OverlappingSegmentsError",
     "PhantomError",
     "RecipeError",
     "RegionError",
     "ResultsLayoutError",
+    "SegmentCodeError",
+    "SegmentationCancelledError",
+    "SourceUidError",
     "UnknownNetworkError",
     "UnreadableFileError",
+    "UnsafeBundleError",
     "UnsafeCheckpointError",
+    "UnsupportedBundleError",
     "UnsupportedFormatError",
     "WeightsError",
+    "WorkflowError",
 ]
 
 
@@ -63,6 +75,11 @@ class NoImageSeriesError(DicomSeriesError):
 
 class MultipleSeriesError(DicomSeriesError):
     """A folder holds several image series and none was chosen."""
+
+
+class MultipleVolumesError(DicomSeriesError):
+    """A DICOM file or series holds several volumes at the same slice positions (echoes, time points, magnitude
+    and field map) and none was chosen, or the chosen number does not exist."""
 
 
 class MissingSlicesError(DicomSeriesError):
@@ -113,6 +130,16 @@ class ModelCardError(MedsegError, ValueError):
     """A model card (YAML) or a MONAI bundle's configs do not describe a runnable model."""
 
 
+class UnsafeBundleError(ModelCardError):
+    """A MONAI bundle config holds code medseg does not run without ``--trust-bundle-code`` (an expression or a
+    ``_target_`` outside the allow-list, a macro, the bundle's own ``scripts/`` package)."""
+
+
+class UnsupportedBundleError(ModelCardError):
+    """A MONAI bundle medseg cannot run as a segmentation model (interactive or prompted, several inputs, an
+    inferer or transform it does not reproduce)."""
+
+
 class UnknownNetworkError(ModelCardError, LookupError):
     """A model card names a network that MONAI does not provide (the message suggests the closest name)."""
 
@@ -159,6 +186,43 @@ class ResultsLayoutError(MedsegError, ValueError):
 
 class RecipeError(MedsegError, ValueError):
     """A training recipe (YAML) or its dataset manifest is missing, malformed or names files that do not exist."""
+
+
+class ManifestError(MedsegError, ValueError):
+    """A manifest (JSON, CSV, MSD dataset.json) cannot be read, names files outside its root or that do not exist,
+    repeats a case id, or a file's sha256 differs from the one it records."""
+
+
+class SegmentationCancelledError(MedsegError, RuntimeError):
+    """A segmentation was cancelled through its ``cancel`` hook before it finished (nothing was returned)."""
+
+
+class DicomSegError(MedsegError, ValueError):
+    """A DICOM SEG cannot be written from these labels and source, or read as asked."""
+
+
+class SegmentCodeError(DicomSegError, LookupError):
+    """Labels have no coded concept (category, type) for DICOM SEG; the message lists them and how to give codes."""
+
+
+class SourceUidError(DicomSegError):
+    """The source series has blank, missing or duplicate UIDs a DICOM SEG must reference (see ``repair_uids``)."""
+
+
+class EmptySegmentationError(DicomSegError):
+    """A label map holds no labelled voxel, so there is no segment to write."""
+
+
+class OverlappingSegmentsError(DicomSegError):
+    """Segments of a DICOM SEG overlap, so they cannot be one label map (read them with ``split=True``)."""
+
+
+class WorkflowError(MedsegError, ValueError):
+    """A workflow recipe or a batch run's options cannot be honoured (bad field, unavailable output or executor)."""
+
+
+class OptionError(MedsegError, ValueError):
+    """An option given to a medseg function (or a CLI flag) is out of range or of the wrong kind."""
 
 
 class MissingDependencyError(MedsegError, ImportError):

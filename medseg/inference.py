@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from medseg.errors import ChannelCountError, DeviceError, ModalityMismatchError, ModelCardError, WeightsError
+from medseg.errors import (
+    ChannelCountError,
+    DeviceError,
+    ModalityMismatchError,
+    ModelCardError,
+    SegmentationCancelledError,
+    WeightsError,
+)
 from medseg.labels import LabelTable
 from medseg.volume import Volume
 
@@ -33,11 +40,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from medseg.models.cards import ModelCard
 
-__all__ = ["InferenceOptions", "Segmentation", "Segmenter", "choose_device", "segment"]
+__all__ = ["CancelHook", "InferenceOptions", "ProgressHook", "Segmentation", "Segmenter", "choose_device", "segment"]
 
 logger = logging.getLogger(__name__)
 
 StitchDevice = Literal["auto", "host", "compute"]
+#: ``progress(done, total)``: sliding windows done out of the total (1 of 1 for classical models).
+ProgressHook = Callable[[int, int], None]
+#: ``cancel()`` → True to stop; checked before each batch of windows.
+CancelHook = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -278,6 +289,8 @@ class Segmenter:
         dev = choose_device(self.options.device)
         self.device = str(dev)
         self._device = dev
+        self._bundle: Any = None
+        self.weights_sha256: str | None = None
         if self.card.kind == "nnunet":
             from medseg.models.nnunet import NnunetRunner
 
@@ -285,6 +298,10 @@ class Segmenter:
             self._nnunet = NnunetRunner(self.card, device=dev, mirroring=self.options.tta,
                                         tile_step_size=0.5 if overlap is None else 1.0 - overlap)
             return
+        if self.card.kind == "bundle":
+            from medseg.models.bundle import build_bundle
+
+            self._bundle = build_bundle(self.card.bundle, device=dev)
         self._net = network if network is not None else self._load_network()
         if hasattr(self._net, "to") and network is None:
             self._net = self._net.to(dev)
@@ -296,10 +313,18 @@ class Segmenter:
     # ---- loading ------------------------------------------------------------------------------------------
     def _load_network(self) -> Any:
         from medseg.models.networks import build_network
-        from medseg.models.registry import build_bundle_network
-        from medseg.models.weights import is_torchscript, load_weights
+        from medseg.models.weights import is_torchscript, load_weights, verify_sha256
 
         card = self.card
+        if self._bundle is not None:
+            from medseg.models.bundle import check_md5
+
+            path = self._bundle.weights
+            check_md5(card.bundle, path)
+            self.weights_sha256 = verify_sha256(path, card.weights.sha256 if card.weights else None)
+            if is_torchscript(path):
+                return load_weights(None, path, sha256=self.weights_sha256, format="torchscript")
+            return load_weights(self._bundle.network, path, sha256=self.weights_sha256, format="state_dict")
         if card.weights is None:
             raise WeightsError(
                 f"Model card {card.name!r} ({card.source}) names no weights file; add 'weights: {{file: ..., "
@@ -310,11 +335,8 @@ class Segmenter:
         )
         if torchscript:
             return load_weights(None, card.weights.path, sha256=card.weights.sha256, format="torchscript")
-        if card.kind == "bundle":
-            net = build_bundle_network(card)
-        else:
-            assert card.network is not None
-            net = build_network(card.network.name, card.network.kwargs, source=str(card.source or card.name))
+        assert card.network is not None
+        net = build_network(card.network.name, card.network.kwargs, source=str(card.source or card.name))
         return load_weights(net, card.weights.path, sha256=card.weights.sha256, format="state_dict")
 
     # ---- checks -------------------------------------------------------------------------------------------
@@ -342,15 +364,29 @@ class Segmenter:
         logger.warning("%s Running anyway (the card says modality_check: warn).", msg)
 
     # ---- running ------------------------------------------------------------------------------------------
-    def segment(self, volume: Volume | str | Path, *, probabilities: bool = False) -> Segmentation:
+    def segment(
+        self,
+        volume: Volume | str | Path | Sequence[Volume | str | Path],
+        *,
+        probabilities: bool = False,
+        progress: ProgressHook | None = None,
+        cancel: CancelHook | None = None,
+    ) -> Segmentation:
         """Segment one volume.
 
         Parameters
         ----------
-        volume : Volume or path
-            A volume, shape (I, J, K) or (I, J, K, C), or a path :func:`medseg.io.load_volume` reads.
+        volume : Volume, path, or a sequence of them
+            A volume, shape (I, J, K) or (I, J, K, C), or a path :func:`medseg.io.load_volume` reads; for a
+            multi-channel model also one scan per channel (see :meth:`combine_channels`).
         probabilities : bool
             Also return per-class probabilities on the input grid (costs classes × voxels × 4 bytes).
+        progress : callable, optional
+            Called as ``progress(done, total)`` with sliding windows done (skipped ones included) after each batch
+            of windows, from the thread running the segmentation; classical models report ``(0, 1)`` and ``(1, 1)``.
+        cancel : callable, optional
+            Called before each batch of windows; when it returns True the segmentation stops and raises
+            :class:`~medseg.errors.SegmentationCancelledError`.
 
         Returns
         -------
@@ -361,7 +397,11 @@ class Segmenter:
         ------
         ModalityMismatchError, NotVolumetricError, ChannelCountError
             For a volume the model cannot take.
+        SegmentationCancelledError
+            When ``cancel()`` returned True.
         """
+        if not isinstance(volume, (Volume, str, Path)):
+            volume = self.combine_channels(list(volume))
         if not isinstance(volume, Volume):
             from medseg.io import load_volume
 
@@ -369,10 +409,118 @@ class Segmenter:
         t0 = time.perf_counter()
         self.check_modality(volume)
         if self._function is not None:
-            return self._segment_classical(volume, t0)
-        if self._nnunet is not None:
-            return self._segment_nnunet(volume, t0, probabilities)
-        return self._segment_network(volume, t0, probabilities)
+            _check_cancel(cancel, self.card.name)
+            if progress is not None:
+                progress(0, 1)
+            result = self._segment_classical(volume, t0)
+            if progress is not None:
+                progress(1, 1)
+            return result
+        if self._bundle is not None:
+            if probabilities:
+                logger.warning("probabilities are not returned for MONAI bundles (%s): their postprocessing "
+                               "decides the output", self.card.name)
+            return self._segment_bundle(volume, t0, progress, cancel)
+        if self._nnunet is not None:  # nnU-Net's predictor runs in one call: progress (0, 1) then (1, 1)
+            _check_cancel(cancel, self.card.name)
+            if progress is not None:
+                progress(0, 1)
+            result = self._segment_nnunet(volume, t0, probabilities)
+            if progress is not None:
+                progress(1, 1)
+            return result
+        return self._segment_network(volume, t0, probabilities, progress, cancel)
+
+    def combine_channels(self, scans: Sequence[Volume | str | Path]) -> Volume:
+        """Several scans as the model's input channels, matched to its channel names, on the first scan's grid.
+
+        A scan given as a path is matched to a channel when the channel's name appears in its file name
+        (case-insensitive, as a whole word: ``case_t1c.nii.gz`` is T1c, not T1); if no name matches, the order given
+        is the channel order. The output lands on the grid of the first scan *as given*.
+
+        Raises
+        ------
+        ChannelCountError
+            If the number of scans differs from the model's input channels, or names match only some scans.
+        """
+        import re
+
+        from medseg.errors import ChannelCountError
+        from medseg.io import load_volume
+        from medseg.resample import stack_channels
+
+        card = self.card
+        if len(scans) != card.input_channels:
+            names = f" ({', '.join(card.channel_names)})" if card.channel_names else ""
+            raise ChannelCountError(f"Model {card.name!r} takes {card.input_channels} input channel(s){names}; "
+                                    f"{len(scans)} scans were given.")
+        order = list(range(len(scans)))
+        labels = [Path(s).name.lower() if not isinstance(s, Volume) else "" for s in scans]
+        if card.channel_names and len(scans) > 1 and any(labels):
+            def hits(name: str) -> list[int]:
+                pat = re.compile(rf"(^|[^a-z0-9]){re.escape(name.lower())}([^a-z0-9]|$)")
+                return [i for i, lab in enumerate(labels) if pat.search(lab)]
+
+            found = [hits(n) for n in card.channel_names]
+            if all(len(f) == 1 for f in found) and len({f[0] for f in found}) == len(found):
+                order = [f[0] for f in found]
+                logger.info("channels matched by file name: %s", dict(zip(card.channel_names,
+                                                                          (labels[i] for i in order), strict=True)))
+            elif any(found):
+                missing = [n for n, f in zip(card.channel_names, found, strict=True) if len(f) != 1]
+                raise ChannelCountError(
+                    f"Model {card.name!r} takes the channels {', '.join(card.channel_names)}; the file names match "
+                    f"some but not all of them uniquely ({', '.join(missing)} unmatched or ambiguous). Name each file "
+                    "after its channel, or give the scans in the channel order with names that match none."
+                )
+        loaded = [s if isinstance(s, Volume) else load_volume(s) for s in scans]
+        return stack_channels([loaded[i] for i in order], reference=loaded[0])
+
+    def _segment_bundle(self, volume: Volume, t0: float, progress: ProgressHook | None = None,
+                        cancel: CancelHook | None = None) -> Segmentation:
+        from medseg.bundle_inference import (
+            as_meta,
+            check_channels,
+            invert_bundle_output,
+            preprocess,
+            run_before_invert,
+            to_label_array,
+            window_of,
+        )
+        from medseg.labels import Label, default_color
+
+        built, card = self._bundle, self.card
+        check_channels(built, volume, card.input_channels)
+        data, plan = preprocess(built, volume)
+        x = data[built.image_key]
+        t1 = time.perf_counter()
+        window = window_of(built.inferer, tuple(int(n) for n in x.shape[1:]))
+        window["amp"] = built.amp and self._device.type == "cuda"  # MONAI's evaluator autocasts on CUDA only
+        logits, stats, stitched_on = self.predict(x.as_tensor().float(), window=window, progress=progress,
+                                                  cancel=cancel)
+        stats["network_grid_voxels"] = int(np.prod(x.shape[1:]))
+        slab = int(self.options.slab_mb * 1024 * 1024)
+        data[built.pred_key] = as_meta(logits.cpu(), x)
+        del logits
+        data = run_before_invert(built, data, plan, slab_bytes=slab)
+        t2 = time.perf_counter()
+        values = invert_bundle_output(built, data, plan, volume, slab_bytes=slab)
+        arr = values if values.ndim == 3 else to_label_array(values, source=str(card.source))
+        t3 = time.perf_counter()
+        table = card.labels
+        present = [int(v) for v in np.unique(arr) if v != 0]
+        unknown = [v for v in present if table is None or v not in table]
+        if unknown:
+            logger.warning("%s wrote label values %s that its metadata does not name; naming them label_N (name them "
+                           "in %s/medseg.yaml)", card.name, unknown, card.source)
+            known = list(table.values()) if table is not None else []
+            table = LabelTable([*known, *(Label(v, f"label_{v}", default_color(v), "organ") for v in unknown)])
+        labels = Volume(arr, volume.affine, modality="SEG", labels=table, source=volume.source)
+        timings = {"prepare": t1 - t0, "network": t2 - t1, "invert": t3 - t2, "postprocess": 0.0, "total": t3 - t0}
+        logger.info("segmented with bundle %s on %s (stitched on %s) in %.1f s", card.name, self.device, stitched_on,
+                    t3 - t0)
+        stats["exact_inversion"] = int(plan.exact)
+        return Segmentation(labels, None, card.name, card, self.device, timings, stats)
 
     def _segment_nnunet(self, volume: Volume, t0: float, probabilities: bool) -> Segmentation:
         from medseg.postprocess import postprocess_labels
@@ -421,7 +569,8 @@ class Segmenter:
         return Segmentation(labels, None, self.card.name, self.card, "classical",
                             {"function": t1 - t0, "postprocess": t2 - t1, "total": t2 - t0}, {})
 
-    def _segment_network(self, volume: Volume, t0: float, probabilities: bool) -> Segmentation:
+    def _segment_network(self, volume: Volume, t0: float, probabilities: bool, progress: ProgressHook | None = None,
+                         cancel: CancelHook | None = None) -> Segmentation:
         from medseg.postprocess import postprocess_labels
         from medseg.transforms import (
             SLAB_BYTES,
@@ -436,7 +585,8 @@ class Segmenter:
         assert card.labels is not None
         prepared = prepare(volume, card, resample=self.options.resample)
         t1 = time.perf_counter()
-        logits, stats, stitched_on = self.predict(prepared.image, floor=prepared.floor)
+        logits, stats, stitched_on = self.predict(prepared.image, floor=prepared.floor, progress=progress,
+                                                  cancel=cancel)
         stats["network_grid_voxels"] = int(np.prod(prepared.image.shape[1:]))
         if logits.shape[0] != card.out_channels:
             raise ModelCardError(
@@ -467,7 +617,15 @@ class Segmenter:
                     t4 - t0)
         return Segmentation(labels, prob_volume, card.name, card, self.device, timings, stats)
 
-    def predict(self, image: torch.Tensor, *, floor: float | None = None) -> tuple[torch.Tensor, dict[str, int], str]:
+    def predict(
+        self,
+        image: torch.Tensor,
+        *,
+        floor: float | None = None,
+        window: Mapping[str, Any] | None = None,
+        progress: ProgressHook | None = None,
+        cancel: CancelHook | None = None,
+    ) -> tuple[torch.Tensor, dict[str, int], str]:
         """Sliding-window logits of a prepared image.
 
         Parameters
@@ -476,6 +634,12 @@ class Segmenter:
             Normalised image on the network grid.
         floor : float, optional
             The normalisation's clip floor; with ``skip_empty`` windows entirely at this value are not run.
+        window : mapping, optional
+            Sliding-window parameters instead of the card's (a MONAI bundle's inferer): ``patch_size``,
+            ``sw_batch_size``, ``overlap``, ``blending``, ``sigma_scale``, ``padding_mode``, ``cval``, ``amp``.
+            Options given explicitly (overlap, blending, sw_batch_size, amp) still override them.
+        progress, cancel : callable, optional
+            As in :meth:`segment`.
 
         Returns
         -------
@@ -489,9 +653,10 @@ class Segmenter:
 
         card, opt = self.card, self.options
         dev = self._device
-        roi = tuple(int(p) for p in card.inference.patch_size)
+        win = dict(window or {})
+        roi = tuple(int(p) for p in win.get("patch_size", card.inference.patch_size))
         counters = {"windows": 0, "windows_skipped": 0}
-        use_amp = opt.amp if opt.amp is not None else dev.type == "cuda"
+        use_amp = opt.amp if opt.amp is not None else win.get("amp", dev.type == "cuda")
         amp_dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
         skip = opt.skip_empty and floor is not None
         if opt.skip_empty and floor is None:
@@ -521,7 +686,19 @@ class Segmenter:
                 self._air[shape] = run(x)
             return self._air[shape]
 
+        overlap = win.get("overlap", card.inference.overlap) if opt.overlap is None else opt.overlap
+        total = _window_count(tuple(image.shape[1:]), roi, overlap)
+        done = [0]
+
         def predictor(x: torch.Tensor) -> torch.Tensor:
+            _check_cancel(cancel, card.name)
+            out = _predict_batch(x)
+            done[0] += x.shape[0]
+            if progress is not None:
+                progress(min(done[0], total), total)
+            return out
+
+        def _predict_batch(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device=dev, dtype=torch.float32)
             if not skip:
                 counters["windows"] += x.shape[0]
@@ -542,16 +719,17 @@ class Segmenter:
             out[empty] = a[0].to(full.dtype)
             return out
 
-        overlap = card.inference.overlap if opt.overlap is None else opt.overlap
-        mode = card.inference.blending if opt.blending is None else opt.blending
-        batch = card.inference.sw_batch_size if opt.sw_batch_size is None else opt.sw_batch_size
+        mode = win.get("blending", card.inference.blending) if opt.blending is None else opt.blending
+        batch = win.get("sw_batch_size", card.inference.sw_batch_size) if opt.sw_batch_size is None else \
+            opt.sw_batch_size
+        extra = {k: win[k] for k in ("sigma_scale", "padding_mode", "cval") if k in win}
         inputs = image.unsqueeze(0)
 
         def sliding(stitch: Any) -> torch.Tensor:
             with torch.no_grad():
                 out = sliding_window_inference(
                     inputs.to(stitch), roi, batch, predictor, overlap=overlap, mode=mode,
-                    sw_device=dev, device=stitch,
+                    sw_device=dev, device=stitch, **extra,
                 )
             return _first(out)[0]
 
@@ -577,6 +755,20 @@ class Segmenter:
                         need / 2**30, free / 2**30)
             return torch.device("cpu")
         return dev
+
+
+def _check_cancel(cancel: CancelHook | None, model: str) -> None:
+    if cancel is not None and cancel():
+        raise SegmentationCancelledError(f"Segmentation with {model!r} was cancelled; no labels were produced.")
+
+
+def _window_count(image_shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
+    """Sliding windows MONAI's ``sliding_window_inference`` runs over an image (it pads the image up to the roi)."""
+    from monai.data.utils import dense_patch_slices
+
+    size = tuple(max(s, r) for s, r in zip(image_shape, roi))
+    interval = tuple(r if r == s else max(int(r * (1 - overlap)), 1) for s, r in zip(size, roi))
+    return len(dense_patch_slices(size, roi, interval))
 
 
 def _is_scripted(net: Any) -> bool:

@@ -1,4 +1,9 @@
-"""Label tables: integer label values with a name, a display colour and a kind (organ or lesion).
+"""Label tables: integer label values with a name, a display colour, a kind (organ or lesion) and, for DICOM SEG,
+a coded concept (category, type, laterality; :class:`SegmentCode`).
+
+Coded concepts for the labels medseg knows (the shipped models, ct-basic, TotalSegmentator's ``total`` and
+``total_v1`` classes) come from a curated table shipped as data (``medseg/data/segment_codes.json``):
+:func:`standard_segment_code`. Names are looked up exactly; a code is never guessed from a name.
 
 A label table travels with every segmentation: in memory on the :class:`~medseg.volume.Volume`, on disk as a
 JSON sidecar next to the label image (``case.nii.gz`` → ``case.labels.json``).
@@ -6,15 +11,27 @@ JSON sidecar next to the label image (``case.nii.gz`` → ``case.labels.json``).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from medseg.errors import LabelTableError
 
-__all__ = ["Label", "LabelKind", "LabelTable", "find_row", "sidecar_path"]
+__all__ = [
+    "Code",
+    "Label",
+    "LabelKind",
+    "LabelTable",
+    "SegmentCode",
+    "find_row",
+    "sidecar_path",
+    "standard_segment_code",
+    "standard_segment_codes",
+]
 
 LabelKind = Literal["organ", "lesion", "other"]
 _KINDS = ("organ", "lesion", "other")
@@ -34,6 +51,123 @@ def default_color(value: int) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class Code:
+    """One coded concept, as DICOM writes it: coding scheme designator, code value and code meaning.
+
+    Attributes
+    ----------
+    scheme : str
+        e.g. ``"SCT"`` (SNOMED CT) or ``"DCM"``.
+    value : str
+        e.g. ``"10200004"``.
+    meaning : str
+        e.g. ``"Liver"``.
+    """
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        for name in ("scheme", "value", "meaning"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise LabelTableError(f"A code needs a non-empty {name} string, not {getattr(self, name)!r} ({self}).")
+
+    def to_json(self) -> list[str]:
+        """``[scheme, value, meaning]``."""
+        return [self.scheme, self.value, self.meaning]
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str = "code") -> Code:
+        """Parse ``[scheme, value, meaning]`` or ``{"scheme", "value", "meaning"}``.
+
+        Raises
+        ------
+        LabelTableError
+            If ``data`` is neither.
+        """
+        if isinstance(data, Mapping) and {"scheme", "value", "meaning"} <= set(data):
+            return cls(str(data["scheme"]), str(data["value"]), str(data["meaning"]))
+        if isinstance(data, (list, tuple)) and len(data) == 3:
+            return cls(str(data[0]), str(data[1]), str(data[2]))
+        raise LabelTableError(f"{where}: expected [scheme, value, meaning], e.g. [SCT, '10200004', Liver], not {data!r}.")
+
+
+@dataclass(frozen=True)
+class SegmentCode:
+    """What a segment is, in DICOM SEG's coded terms.
+
+    Attributes
+    ----------
+    category : Code
+        SegmentedPropertyCategory (DICOM CID 7150), e.g. Anatomical Structure, Morphologically Abnormal Structure.
+    type : Code
+        SegmentedPropertyType, e.g. Kidney.
+    modifier : Code or None
+        SegmentedPropertyTypeModifier: laterality (Left / Right) where it applies; the left and right kidney are
+        one type with a modifier.
+    region : Code or None
+        AnatomicRegion, for lesions (e.g. a neoplasm in the Liver).
+    region_modifier : Code or None
+        Laterality of the region.
+    """
+
+    category: Code
+    type: Code
+    modifier: Code | None = None
+    region: Code | None = None
+    region_modifier: Code | None = None
+
+    def to_json(self) -> dict[str, list[str]]:
+        """``{"category": [...], "type": [...], ...}`` (absent parts left out)."""
+        out = {"category": self.category.to_json(), "type": self.type.to_json()}
+        for name in ("modifier", "region", "region_modifier"):
+            code = getattr(self, name)
+            if code is not None:
+                out[name] = code.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str = "code") -> SegmentCode:
+        """Parse what :meth:`to_json` wrote.
+
+        Raises
+        ------
+        LabelTableError
+            If ``category`` or ``type`` is missing or a part is malformed.
+        """
+        if not isinstance(data, Mapping) or "category" not in data or "type" not in data:
+            raise LabelTableError(
+                f"{where}: expected {{category: [scheme, value, meaning], type: [...], modifier: [...] (optional)}}, "
+                f"not {data!r}."
+            )
+        unknown = sorted(set(data) - {"category", "type", "modifier", "region", "region_modifier"})
+        if unknown:
+            raise LabelTableError(f"{where}: unknown field(s) {unknown}; a code has category, type, modifier, region "
+                                  "and region_modifier.")
+        parts = {k: (Code.from_json(data[k], where=f"{where}.{k}") if data.get(k) is not None else None)
+                 for k in ("category", "type", "modifier", "region", "region_modifier")}
+        return cls(**parts)  # type: ignore[arg-type]
+
+
+@functools.cache
+def standard_segment_codes() -> Mapping[str, SegmentCode]:
+    """The curated label name → :class:`SegmentCode` table shipped with medseg (``medseg/data/segment_codes.json``).
+
+    It covers every label of the shipped model cards and ct-basic, and TotalSegmentator's ``total`` (v2) and
+    ``total_v1`` class names (the latter are the MONAI ``wholeBody_ct_segmentation`` bundle's channels).
+    """
+    data = json.loads(resources.files("medseg").joinpath("data/segment_codes.json").read_text())
+    return {name: SegmentCode.from_json(entry, where=f"segment_codes.json: {name}")
+            for name, entry in data["codes"].items()}
+
+
+def standard_segment_code(name: str) -> SegmentCode | None:
+    """The curated code of label ``name`` (exact name, e.g. ``"kidney_left"``), or None when the table has none."""
+    return standard_segment_codes().get(name)
+
+
+@dataclass(frozen=True)
 class Label:
     """One label class.
 
@@ -47,12 +181,15 @@ class Label:
         Display colour, RGB in 0–255.
     kind : {"organ", "lesion", "other"}
         Organs are post-processed as one connected structure; lesions are counted instance by instance.
+    code : SegmentCode or None
+        Coded concept for DICOM SEG; None means "look the name up in :func:`standard_segment_code`".
     """
 
     value: int
     name: str
     color: tuple[int, int, int]
     kind: LabelKind = "organ"
+    code: SegmentCode | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, int) or isinstance(self.value, bool) or not 1 <= self.value <= 65535:
@@ -127,13 +264,14 @@ class LabelTable(Mapping[int, Label]):
         raise LabelTableError(f"No label named {name!r}; the table has {sorted(self.names.values())}.")
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``{"labels": [{"value", "name", "color", "kind"}, ...]}``."""
-        return {
-            "labels": [
-                {"value": lab.value, "name": lab.name, "color": list(lab.color), "kind": lab.kind}
-                for lab in self._labels.values()
-            ]
-        }
+        """A JSON-ready dict: ``{"labels": [{"value", "name", "color", "kind"[, "code"]}, ...]}``."""
+        rows = []
+        for lab in self._labels.values():
+            row: dict[str, Any] = {"value": lab.value, "name": lab.name, "color": list(lab.color), "kind": lab.kind}
+            if lab.code is not None:
+                row["code"] = lab.code.to_json()
+            rows.append(row)
+        return {"labels": rows}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, source: str = "label table") -> LabelTable:
@@ -152,6 +290,8 @@ class LabelTable(Mapping[int, Label]):
                         str(item["name"]),
                         tuple(item.get("color") or default_color(int(item["value"]))),  # type: ignore[arg-type]
                         item.get("kind", "organ"),
+                        SegmentCode.from_json(item["code"], where=f"label {item.get('value')} code")
+                        if item.get("code") is not None else None,
                     )
                     for item in data["labels"]
                 )
@@ -165,10 +305,10 @@ class LabelTable(Mapping[int, Label]):
             ) from None
 
     def save(self, path: str | Path) -> Path:
-        """Write the table as JSON to ``path``."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        return path
+        """Write the table as JSON to ``path`` (atomically: a reader never sees half a table)."""
+        from medseg.files import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LabelTable:

@@ -825,11 +825,14 @@ def evaluate(
         If the grids differ and ``resample`` is False (the message names both grids).
     LabelTableError
         If a map holds non-integer or negative values, or a label name is unknown.
-    ValueError
-        If ``nsd_tolerance_mm`` is negative or not finite.
+    OptionError
+        If ``nsd_tolerance_mm`` is negative or not finite (also a ``ValueError``).
     """
     if not math.isfinite(nsd_tolerance_mm) or nsd_tolerance_mm < 0:
-        raise ValueError(f"nsd_tolerance_mm must be a finite number >= 0, not {nsd_tolerance_mm}.")
+        from medseg.errors import OptionError
+
+        raise OptionError(f"nsd_tolerance_mm (--nsd-tolerance) must be a finite number >= 0 (mm), not "
+                          f"{nsd_tolerance_mm}.")
     resampled = False
     if not pred.same_grid(ref):
         if not resample:

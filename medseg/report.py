@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from medseg.display import CT_WINDOW_HU, display_slices
 from medseg.errors import ResultsLayoutError
+from medseg.files import atomic_write_text
 from medseg.labels import default_color
 from medseg.metrics import (
     DEFAULT_NSD_TOLERANCE_MM,
@@ -46,10 +48,8 @@ from medseg.volume import Volume
 __all__ = [
     "CaseFiles",
     "CaseResult",
-    "DisplaySlices",
     "ReportResult",
     "build_report",
-    "display_slices",
     "evaluate_case",
     "find_cases",
     "metrics_csv",
@@ -61,8 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-#: CT display window (level 40 HU, width 400 HU: soft tissue).
-CT_WINDOW_HU = (-160.0, 240.0)
 
 
 # ---- the results folder ----------------------------------------------------------------------------------------
@@ -117,61 +115,6 @@ def find_cases(results_dir: str | Path) -> list[CaseFiles]:
 
 
 # ---- thumbnails ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DisplaySlices:
-    """An axial and a coronal slice ready for ``imshow(origin="upper")``, in radiological orientation.
-
-    Attributes
-    ----------
-    axial : ndarray, shape (rows, cols) or (rows, cols, C)
-        Row 0 is anterior, column 0 is the patient's right (patient left on the image's right).
-    coronal : ndarray, shape (rows, cols) or (rows, cols, C)
-        Row 0 is superior, column 0 is the patient's right.
-    axial_extent_mm, coronal_extent_mm : tuple of 4 float
-        ``imshow`` extents (left, right, bottom, top) in mm, so pixels get their true aspect.
-    """
-
-    axial: np.ndarray
-    coronal: np.ndarray
-    axial_extent_mm: tuple[float, float, float, float]
-    coronal_extent_mm: tuple[float, float, float, float]
-
-
-def display_slices(volume: Volume, point_mm: Sequence[float] | np.ndarray) -> DisplaySlices:
-    """Axial and coronal slices through a world point, oriented as radiologists read them.
-
-    The volume is reordered (exactly, no interpolation) to LPS voxel axes: i runs to the patient's left, j to
-    posterior, k to superior. The axial slice at the point's k is shown with i as columns and j as rows (anterior
-    up, patient left on the image's right); the coronal slice at the point's j with i as columns and k as rows,
-    superior up. Oblique scans use their closest axis-aligned orientation.
-
-    Parameters
-    ----------
-    volume : Volume
-        Image or label map, shape (I, J, K) or (I, J, K, C).
-    point_mm : sequence of 3 float
-        RAS world point the slices go through (clipped into the volume).
-
-    Returns
-    -------
-    DisplaySlices
-    """
-    from medseg.resample import as_orientation
-
-    v = as_orientation(volume, "LPS")
-    ijk = np.clip(np.rint(v.voxel_ijk(np.asarray(point_mm, dtype=np.float64))), 0, np.array(v.shape) - 1).astype(int)
-    si, sj, sk = v.spacing_mm
-    n_i, n_j, n_k = v.shape
-    axial = np.swapaxes(v.array[:, :, ijk[2]], 0, 1)  # (J, I): rows posterior-ward, columns leftward
-    coronal = np.swapaxes(v.array[:, ijk[1], ::-1], 0, 1)  # (K reversed, I): row 0 superior
-    return DisplaySlices(
-        axial=axial,
-        coronal=coronal,
-        axial_extent_mm=(-0.5 * si, (n_i - 0.5) * si, (n_j - 0.5) * sj, -0.5 * sj),
-        coronal_extent_mm=(-0.5 * si, (n_i - 0.5) * si, (n_k - 0.5) * sk, -0.5 * sk),
-    )
-
-
 def _colour(value: int, *tables: Any) -> tuple[float, float, float]:
     for t in tables:
         if t is not None and value in t:
@@ -585,12 +528,6 @@ def build_report(
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_report(
     results_dir: str | Path,
     out_html: str | Path,
@@ -636,12 +573,12 @@ def write_report(
     n_eval = sum(c.evaluation is not None for c in cases)
     if n_eval:
         p = out.with_name(out.stem + "_metrics.csv")
-        _atomic_write(p, metrics_csv(cases))
+        atomic_write_text(p, metrics_csv(cases))
         csv_paths.append(p)
     p = out.with_name(out.stem + "_stats.csv")
-    _atomic_write(p, stats_csv(cases))
+    atomic_write_text(p, stats_csv(cases))
     csv_paths.append(p)
     json_path = out.with_name(out.stem + ".json")
-    _atomic_write(json_path, json.dumps(cases_json(cases), indent=2, allow_nan=False) + "\n")
-    _atomic_write(out, page)
+    atomic_write_text(json_path, json.dumps(cases_json(cases), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out, page)
     return ReportResult(out, tuple(csv_paths), json_path, len(cases), n_eval)

@@ -3,6 +3,7 @@ interpolation (SimpleITK) otherwise."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from medseg.errors import GeometryError
 from medseg.volume import GRID_ATOL_MM, Volume
 
-__all__ = ["Interpolation", "as_orientation", "reorient_to", "resample_to"]
+__all__ = ["Interpolation", "as_orientation", "reorient_to", "resample_to", "stack_channels"]
 
 Interpolation = Literal["nearest", "linear", "bspline"]
 
@@ -136,3 +137,38 @@ def as_orientation(volume: Volume, code: str = "RAS") -> Volume:
     arr = nio.apply_orientation(volume.array, transform)
     affine = volume.affine @ nio.inv_ornt_aff(transform, volume.shape)
     return Volume(arr, affine, modality=volume.modality, labels=volume.labels, source=volume.source)
+
+
+def stack_channels(
+    volumes: Sequence[Volume], *, reference: Volume | None = None, interpolation: Interpolation = "linear"
+) -> Volume:
+    """Several scans of one patient as one multi-channel Volume on one grid (the first scan's by default).
+
+    Parameters
+    ----------
+    volumes : sequence of Volume, each shape (I, J, K)
+        The channels in order; each is resampled onto the reference grid (an exact reordering when the grids
+        share voxel centres, else ``interpolation``, zero outside).
+    reference : Volume, optional
+        The grid of the result (default: ``volumes[0]``).
+
+    Returns
+    -------
+    Volume, shape (I, J, K, C), float32
+        On the reference grid, with its modality and source.
+
+    Raises
+    ------
+    GeometryError
+        If no volume is given, or one already has channels.
+    """
+    if not volumes:
+        raise GeometryError("stack_channels needs at least one volume.")
+    first = volumes[0] if reference is None else reference
+    arrays = []
+    for n, v in enumerate(volumes):
+        if v.array.ndim != 3:
+            raise GeometryError(f"channel {n} has shape {v.array.shape}; give one 3D scan per channel.")
+        on_grid = v if v is first else resample_to(v, first, interpolation=interpolation)
+        arrays.append(np.asarray(on_grid.array, dtype=np.float32))
+    return Volume(np.stack(arrays, axis=-1), first.affine, modality=first.modality, source=first.source)

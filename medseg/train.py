@@ -45,7 +45,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from medseg.errors import MedsegError, RecipeError
+from medseg.files import atomic_write_bytes
+from medseg.schema import SchemaReader
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -209,179 +210,77 @@ class Recipe:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
 
-def _fail(source: str, where: str, expected: str, got: Any) -> RecipeError:
-    return RecipeError(f"{source}: field '{where}': expected {expected}, got {got!r}.")
-
-
-def _mapping(source: str, data: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise _fail(source, where, "a mapping (key: value lines)", data)
-    unknown = sorted(set(map(str, data)) - allowed)
-    if unknown:
-        import difflib
-
-        hints = []
-        for u in unknown:
-            close = difflib.get_close_matches(u, sorted(allowed), n=1)
-            hints.append(f"'{u}' (did you mean '{close[0]}'?)" if close else f"'{u}'")
-        raise RecipeError(f"{source}: unknown field(s) in '{where}': {', '.join(hints)}. Allowed: {sorted(allowed)}.")
-    return data
-
-
-def _num(source: str, d: Mapping[str, Any], key: str, where: str, default: float | None, *, lo: float | None = None,
-         hi: float | None = None, integer: bool = False) -> Any:
-    v = d.get(key, default)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and int(v) != v):
-        raise _fail(source, where + key, "an integer" if integer else "a number", v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _fail(source, where + key, f"a number in [{lo}, {hi}]", v)
-    return int(v) if integer else float(v)
-
-
-def _pair(source: str, value: Any, where: str, kind: type = float) -> tuple[Any, Any]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return kind(value), kind(value)
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) for v in value) or value[1] < value[0]:
-        raise _fail(source, where, "[low, high] (two numbers, low <= high) or one number", value)
-    return kind(value[0]), kind(value[1])
-
-
-def _triple(source: str, value: Any, where: str) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value] * 3
-    if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in value):
-        raise _fail(source, where, "three positive numbers (i, j, k) or one for all", value)
-    return tuple(float(v) for v in value)  # type: ignore[return-value]
-
-
-def _seeds(source: str, value: Any, where: str) -> tuple[int, ...]:
+def _seeds(r: SchemaReader, value: Any, where: str) -> tuple[int, ...]:
     if isinstance(value, Mapping) and set(value) <= {"start", "stop"}:
         value = [value.get("start", 0), value.get("stop")]
     ok = isinstance(value, (list, tuple)) and value and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     if not ok:
-        raise _fail(source, where, "[start, stop) (two non-negative integers) or a list of one or 3+ seeds", value)
+        raise r.fail(where, "[start, stop) (two non-negative integers) or a list of one or 3+ seeds", value)
     if len(value) == 2:  # [start, stop)
         if value[1] <= value[0]:
-            raise _fail(source, where, "[start, stop) with stop > start", value)
+            raise r.fail(where, "[start, stop) with stop > start", value)
         return tuple(range(int(value[0]), int(value[1])))
     return tuple(int(v) for v in value)
 
 
-def _source(source: str, data: Any, where: str, base: Path) -> Source:
-    d = _mapping(source, data, where, {"phantoms", "manifest"})
+def _source(r: SchemaReader, data: Any, where: str, base: Path) -> Source:
+    d = r.mapping(data, where, {"phantoms", "manifest"})
     if ("phantoms" in d) == ("manifest" in d):
-        raise RecipeError(f"{source}: field '{where}' needs exactly one of 'phantoms' or 'manifest', got "
+        raise r.problem(f"field '{where}' needs exactly one of 'phantoms' or 'manifest', got "
                           f"{sorted(d) or 'nothing'}.")
     if "manifest" in d:
         path = Path(str(d["manifest"]))
         if not path.is_absolute():
             path = base / path
-        return read_manifest(path)
+        return _manifest_source(r, path, where)
     w = f"{where}.phantoms."
-    p = _mapping(source, d["phantoms"], w[:-1], _PHANTOM_KEYS)
+    p = r.mapping(d["phantoms"], w[:-1], _PHANTOM_KEYS)
     if "seeds" not in p:
-        raise RecipeError(f"{source}: field '{w}seeds' is required (e.g. seeds: [1000, 1040]).")
+        raise r.problem(f"field '{w}seeds' is required (e.g. seeds: [1000, 1040]).")
     sp = p.get("spacing_mm", [[2.0, 2.0, 2.0], [3.0, 3.0, 3.0]])
     if isinstance(sp, (list, tuple)) and len(sp) == 2 and all(isinstance(v, (list, tuple)) for v in sp):
-        lo, hi = _triple(source, sp[0], w + "spacing_mm[0]"), _triple(source, sp[1], w + "spacing_mm[1]")
+        lo, hi = r.triple(sp[0], w + "spacing_mm[0]", float), r.triple(sp[1], w + "spacing_mm[1]", float)
     else:
-        lo = hi = _triple(source, sp, w + "spacing_mm")
+        lo = hi = r.triple(sp, w + "spacing_mm", float)
     if any(h < low for low, h in zip(lo, hi)):
-        raise _fail(source, w + "spacing_mm", "[[low i, j, k], [high i, j, k]] with low <= high", sp)
+        raise r.fail(w + "spacing_mm", "[[low i, j, k], [high i, j, k]] with low <= high", sp)
     orients = p.get("orientations", ["LPS"])
     if isinstance(orients, str):
         orients = [orients]
     if not isinstance(orients, (list, tuple)) or not orients or not all(isinstance(o, str) for o in orients):
-        raise _fail(source, w + "orientations", "a list of orientation codes like [LPS, RAS]", orients)
-    lt = _pair(source, p.get("liver_tumours", [0, 3]), w + "liver_tumours", int)
+        raise r.fail(w + "orientations", "a list of orientation codes like [LPS, RAS]", orients)
+    lt = r.pair(p.get("liver_tumours", [0, 3]), w + "liver_tumours", int)
     if lt[0] < 0 or lt[1] > 3:
-        raise _fail(source, w + "liver_tumours", "a range within [0, 3]", p.get("liver_tumours"))
-    bs = _pair(source, p.get("body_scale", 1.0), w + "body_scale")
+        raise r.fail(w + "liver_tumours", "a range within [0, 3]", p.get("liver_tumours"))
+    bs = r.pair(p.get("body_scale", 1.0), w + "body_scale")
     if bs[0] < 0.5 or bs[1] > 1.5:
-        raise _fail(source, w + "body_scale", "a range within [0.5, 1.5]", p.get("body_scale"))
+        raise r.fail(w + "body_scale", "a range within [0.5, 1.5]", p.get("body_scale"))
     return PhantomSource(
-        seeds=_seeds(source, p["seeds"], w + "seeds"),
+        seeds=_seeds(r, p["seeds"], w + "seeds"),
         spacing_lo_mm=lo, spacing_hi_mm=hi,
         orientations=tuple(str(o).upper() for o in orients),
         body_scale=bs,
         liver_tumours=lt,
-        kidney_tumour=_num(source, p, "kidney_tumour", w, 0.4, lo=0.0, hi=1.0),
-        noise_hu=_pair(source, p.get("noise_hu", 12.0), w + "noise_hu"),
-        fov_mm=_triple(source, p.get("fov_mm", [400.0, 400.0, 260.0]), w + "fov_mm"),
+        kidney_tumour=r.number(p, "kidney_tumour", w, 0.4, lo=0.0, hi=1.0),
+        noise_hu=r.pair(p.get("noise_hu", 12.0), w + "noise_hu"),
+        fov_mm=r.triple(p.get("fov_mm", [400.0, 400.0, 260.0]), w + "fov_mm", float),
     )
 
 
-def read_manifest(path: str | Path) -> ManifestSource:
-    """Read a manifest of labelled cases.
+def _manifest_source(r: SchemaReader, path: Path, where: str) -> ManifestSource:
+    """The labelled cases of a manifest (:func:`medseg.manifest.read_manifest`; files and checksums checked)."""
+    from medseg.manifest import read_manifest
 
-    JSON: a list of ``{"image": ..., "label": ...}`` objects, or ``{"root": ..., "cases": [...]}`` (also
-    ``training`` as in an MSD ``dataset.json``). CSV: a header with ``image`` and ``label`` columns. Paths are
-    relative to the manifest's **root**: the manifest's folder, or the folder named by ``"root"`` (itself relative to
-    the manifest). A path that resolves outside the root (``..``, an absolute path elsewhere, a symlink out) is
-    refused, so a manifest cannot reach files it was not given. Optional ``image_sha256`` / ``label_sha256`` are
-    checked.
-
-    Raises
-    ------
-    RecipeError
-        If the manifest cannot be read, has no cases, names files that do not exist or lie outside its root, or a
-        checksum differs.
-    """
-    import hashlib
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: manifest not found. Give a JSON or CSV file listing image and label paths.")
-    rows: list[Mapping[str, Any]]
-    root = path.parent
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            data = json.loads(path.read_text())
-            if isinstance(data, Mapping):
-                if data.get("root") is not None:
-                    root = path.parent / str(data["root"])
-                data = data.get("cases", data.get("training"))
-            rows = data if isinstance(data, list) else []
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
-        raise RecipeError(f"{path}: cannot read the manifest ({exc}).") from None
-    root = root.resolve()
-    cases = []
-    for n, row in enumerate(rows):
-        if not isinstance(row, Mapping) or not row.get("image") or not row.get("label"):
-            raise RecipeError(f"{path}: case {n} needs 'image' and 'label' paths, got {row!r}.")
-        pair = []
-        for key in ("image", "label"):
-            p = (root / str(row[key])).resolve()
-            if not p.is_relative_to(root):
-                raise RecipeError(
-                    f"{path}: case {n}: {key} path {row[key]!r} leaves the manifest's root {root}; manifests may only "
-                    "name files inside their root (set \"root\" in a JSON manifest, or move the manifest)."
-                )
-            if not p.exists():
-                raise RecipeError(f"{path}: case {n}: {key} file {p} does not exist.")
-            expected = row.get(f"{key}_sha256")
-            if expected and p.is_file():
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                if digest != str(expected).lower():
-                    raise RecipeError(
-                        f"{path}: case {n}: {key} file {p} has sha256 {digest}, the manifest records {expected}; "
-                        "the file changed since the manifest was written."
-                    )
-            pair.append(p)
-        cases.append((pair[0], pair[1]))
+    manifest = read_manifest(path)
+    unlabelled = [c.case_id for c in manifest.cases if c.label is None and c.extra.get("split") != "test"]
+    if unlabelled:
+        raise r.problem(f"field '{where}.manifest': {path}: case(s) {unlabelled[:5]} have no 'label'; training "
+                        "needs an image and a label per case.")
+    cases = tuple((c.image, c.label) for c in manifest.labelled() if c.label is not None)
     if not cases:
-        raise RecipeError(f"{path}: the manifest lists no cases; expected a list of {{image, label}} entries.")
-    return ManifestSource(path, tuple(cases))
+        raise r.problem(f"field '{where}.manifest': {path} lists no labelled case.")
+    return ManifestSource(path, cases)
 
 
 def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | None = None, text: str = "") -> Recipe:
@@ -390,21 +289,24 @@ def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | N
     Raises
     ------
     RecipeError
-        If a field is missing, unknown or out of range (the message names it), or a manifest is bad.
+        If a field is missing, unknown or out of range (the message names it), or a manifest has no labels.
+    ManifestError
+        If a manifest cannot be read, names missing files or files outside its root, or a checksum differs.
     ModelCardError
         If the ``model`` section is not a valid model card.
     """
     from medseg.models.cards import parse_card
 
     src = str(source)
+    r = SchemaReader(src, RecipeError)
     base = base_dir or Path.cwd()
-    top = _mapping(src, data, "(top level)", _TOP_KEYS)
+    top = r.mapping(data, "(top level)", _TOP_KEYS)
     for key in ("model", "data"):
         if key not in top:
             raise RecipeError(f"{src}: missing required section '{key}'.")
     model = top["model"]
     if not isinstance(model, Mapping):
-        raise _fail(src, "model", "a model card without weights", model)
+        raise r.fail("model", "a model card without weights", model)
     if "weights" in model:
         raise RecipeError(f"{src}: 'model.weights' is written by training; remove it from the recipe.")
     card = parse_card(dict(model), source=f"{src} (model section)", base_dir=base)
@@ -413,79 +315,79 @@ def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | N
     if card.preprocessing.spacing_mm is None:
         raise RecipeError(f"{src}: 'model.preprocessing.spacing_mm' is required for training (the network grid).")
     name = str(top.get("name", card.name))
-    seed = _num(src, top, "seed", "", 0, lo=0, integer=True)
-    d = _mapping(src, top["data"], "data", {"train", "validation"})
+    seed = r.integer(top, "seed", "", 0, lo=0)
+    d = r.mapping(top["data"], "data", {"train", "validation"})
     if "train" not in d or "validation" not in d:
         raise RecipeError(f"{src}: 'data' needs both 'train' and 'validation'.")
-    train_src = _source(src, d["train"], "data.train", base)
-    val_src = _source(src, d["validation"], "data.validation", base)
+    train_src = _source(r, d["train"], "data.train", base)
+    val_src = _source(r, d["validation"], "data.validation", base)
     if isinstance(train_src, PhantomSource) and isinstance(val_src, PhantomSource):
         shared = sorted(set(train_src.seeds) & set(val_src.seeds))
         if shared:
             raise RecipeError(f"{src}: validation seeds {shared[:5]} are also training seeds; keep them apart.")
-    t = _mapping(src, top.get("training"), "training", _TRAIN_KEYS)
+    t = r.mapping(top.get("training"), "training", _TRAIN_KEYS)
     w = "training."
-    aug = _mapping(src, t.get("augmentation"), "training.augmentation", _AUG_KEYS)
+    aug = r.mapping(t.get("augmentation"), "training.augmentation", _AUG_KEYS)
     wa = "training.augmentation."
     patch = t.get("patch_size", list(card.inference.patch_size))
-    patch_t = _triple(src, patch, w + "patch_size")
+    patch_t = r.triple(patch, w + "patch_size", float)
     if any(int(v) != v for v in patch_t):
-        raise _fail(src, w + "patch_size", "three positive integers", patch)
+        raise r.fail(w + "patch_size", "three positive integers", patch)
     sampling = t.get("sampling", "classes")
     if sampling not in ("classes", "pos_neg"):
-        raise _fail(src, w + "sampling", "'classes' (RandCropByLabelClassesd) or 'pos_neg' (RandCropByPosNegLabeld)",
+        raise r.fail(w + "sampling", "'classes' (RandCropByLabelClassesd) or 'pos_neg' (RandCropByPosNegLabeld)",
                     sampling)
     ratios = t.get("class_ratios")
     if ratios is not None:
         if not isinstance(ratios, (list, tuple)) or len(ratios) != card.out_channels or any(
                 isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in ratios):
-            raise _fail(src, w + "class_ratios", f"{card.out_channels} non-negative numbers (background first)",
+            raise r.fail(w + "class_ratios", f"{card.out_channels} non-negative numbers (background first)",
                         ratios)
         ratios = tuple(float(v) for v in ratios)
     weights = t.get("class_weights")
     if weights is not None:
         if not isinstance(weights, (list, tuple)) or len(weights) != card.out_channels or any(
                 isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in weights):
-            raise _fail(src, w + "class_weights", f"{card.out_channels} positive numbers (background first)",
+            raise r.fail(w + "class_weights", f"{card.out_channels} positive numbers (background first)",
                         weights)
         weights = tuple(float(v) for v in weights)
     schedule = t.get("schedule", "cosine")
     if schedule not in ("cosine", "poly", "constant"):
-        raise _fail(src, w + "schedule", "'cosine', 'poly' or 'constant'", schedule)
+        raise r.fail(w + "schedule", "'cosine', 'poly' or 'constant'", schedule)
     amp = t.get("amp", True)
     if not isinstance(amp, bool):
-        raise _fail(src, w + "amp", "true or false", amp)
+        raise r.fail(w + "amp", "true or false", amp)
     device = t.get("device")
     cfg = TrainingConfig(
-        epochs=_num(src, t, "epochs", w, 20, lo=1, integer=True),
-        batch_size=_num(src, t, "batch_size", w, 1, lo=1, integer=True),
-        num_samples=_num(src, t, "num_samples", w, 2, lo=1, integer=True),
+        epochs=r.integer(t, "epochs", w, 20, lo=1),
+        batch_size=r.integer(t, "batch_size", w, 1, lo=1),
+        num_samples=r.integer(t, "num_samples", w, 2, lo=1),
         patch_size=tuple(int(v) for v in patch_t),  # type: ignore[arg-type]
         sampling=sampling,
         class_ratios=ratios,
-        pos=_num(src, t, "pos", w, 2.0, lo=0.0),
-        neg=_num(src, t, "neg", w, 1.0, lo=0.0),
-        lr=_num(src, t, "lr", w, 2e-3, lo=0.0),
-        weight_decay=_num(src, t, "weight_decay", w, 1e-5, lo=0.0),
+        pos=r.number(t, "pos", w, 2.0, lo=0.0),
+        neg=r.number(t, "neg", w, 1.0, lo=0.0),
+        lr=r.number(t, "lr", w, 2e-3, lo=0.0),
+        weight_decay=r.number(t, "weight_decay", w, 1e-5, lo=0.0),
         schedule=schedule,
-        min_lr_ratio=_num(src, t, "min_lr_ratio", w, 0.02, lo=0.0, hi=1.0),
-        poly_power=_num(src, t, "poly_power", w, 0.9, lo=0.0),
+        min_lr_ratio=r.number(t, "min_lr_ratio", w, 0.02, lo=0.0, hi=1.0),
+        poly_power=r.number(t, "poly_power", w, 0.9, lo=0.0),
         amp=amp,
-        val_every=_num(src, t, "val_every", w, 1, lo=1, integer=True),
-        cache_rate=_num(src, t, "cache_rate", w, 1.0, lo=0.0, hi=1.0),
-        num_workers=_num(src, t, "num_workers", w, 0, lo=0, integer=True),
+        val_every=r.integer(t, "val_every", w, 1, lo=1),
+        cache_rate=r.number(t, "cache_rate", w, 1.0, lo=0.0, hi=1.0),
+        num_workers=r.integer(t, "num_workers", w, 0, lo=0),
         device=None if device in (None, "auto") else str(device),
-        num_threads=_num(src, t, "num_threads", w, None, lo=1, integer=True),
-        grad_clip=_num(src, t, "grad_clip", w, 12.0, lo=0.0),
-        init_from=_init_from(src, t.get("init_from"), base),
+        num_threads=r.optional_integer(t, "num_threads", w, None, lo=1),
+        grad_clip=r.optional_number(t, "grad_clip", w, 12.0, lo=0.0),
+        init_from=_init_from(r, t.get("init_from"), base),
         class_weights=weights,
-        affine_prob=_num(src, aug, "affine_prob", wa, 0.2, lo=0.0, hi=1.0),
-        rotate_deg=_num(src, aug, "rotate_deg", wa, 10.0, lo=0.0, hi=180.0),
-        scale=_num(src, aug, "scale", wa, 0.1, lo=0.0, hi=0.9),
-        intensity_scale=_num(src, aug, "intensity_scale", wa, 0.1, lo=0.0),
-        intensity_shift=_num(src, aug, "intensity_shift", wa, 0.05, lo=0.0),
-        noise_prob=_num(src, aug, "noise_prob", wa, 0.15, lo=0.0, hi=1.0),
-        noise_std=_num(src, aug, "noise_std", wa, 0.02, lo=0.0),
+        affine_prob=r.number(aug, "affine_prob", wa, 0.2, lo=0.0, hi=1.0),
+        rotate_deg=r.number(aug, "rotate_deg", wa, 10.0, lo=0.0, hi=180.0),
+        scale=r.number(aug, "scale", wa, 0.1, lo=0.0, hi=0.9),
+        intensity_scale=r.number(aug, "intensity_scale", wa, 0.1, lo=0.0),
+        intensity_shift=r.number(aug, "intensity_shift", wa, 0.05, lo=0.0),
+        noise_prob=r.number(aug, "noise_prob", wa, 0.15, lo=0.0, hi=1.0),
+        noise_std=r.number(aug, "noise_std", wa, 0.02, lo=0.0),
     )
     out = Path(str(top.get("output_dir", f"runs/{name}")))
     if not out.is_absolute():
@@ -496,17 +398,17 @@ def parse_recipe(data: Any, *, source: str | Path = "recipe", base_dir: Path | N
                   description=str(top.get("description", "") or ""))
 
 
-def _init_from(source: str, value: Any, base: Path) -> str | None:
+def _init_from(r: SchemaReader, value: Any, base: Path) -> str | None:
     """A model name, or a card path made absolute against the recipe's folder."""
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise _fail(source, "training.init_from", "a model name or a model card path", value)
+        raise r.fail("training.init_from", "a model name or a model card path", value)
     p = Path(value)
     if p.suffix.lower() in (".yaml", ".yml") or len(p.parts) > 1:
         p = p if p.is_absolute() else base / p
         if not p.is_file():
-            raise RecipeError(f"{source}: field 'training.init_from': model card {p} does not exist.")
+            raise r.problem(f"field 'training.init_from': model card {p} does not exist.")
         return str(p)
     return value
 
@@ -778,19 +680,13 @@ class ProgressEvent:
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save_torch(obj: Any, path: Path) -> str:
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -883,7 +779,7 @@ def _write_card(recipe: Recipe, weights_path: Path, sha: str, record: EpochRecor
     })
     data["provenance"] = prov
     text = "# Written by `medseg train` from the recipe recorded under provenance (sha256 and text).\n" + dump_yaml(data)
-    _atomic_write_bytes(card_path, text.encode())
+    atomic_write_bytes(card_path, text.encode())
     load_card(card_path)  # the card we wrote must be one medseg can read
 
 
@@ -926,7 +822,7 @@ def _write_csv(path: Path, history: Sequence[EpochRecord], names: Sequence[str])
         w.writerow([r.epoch, f"{r.train_loss:.6f}", f"{r.lr:.6g}", f"{r.seconds:.2f}",
                     "" if r.val_mean_dice is None else f"{r.val_mean_dice:.5f}",
                     *["" if n not in vd else f"{vd[n]:.5f}" for n in names]])
-    _atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _write_curves(path: Path, history: Sequence[EpochRecord], names: Sequence[str], title: str) -> None:
@@ -962,7 +858,7 @@ def _write_curves(path: Path, history: Sequence[EpochRecord], names: Sequence[st
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close("all")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _record_to_dict(r: EpochRecord) -> dict[str, Any]:
@@ -1169,7 +1065,7 @@ def train(
             "history_json": json.dumps([_record_to_dict(r) for r in history]),
         }
         sha = _save_torch(ckpt, ckpt_path)
-        _atomic_write_bytes(ckpt_path.with_name(ckpt_path.name + ".sha256"), f"{sha}  {ckpt_path.name}\n".encode())
+        atomic_write_bytes(ckpt_path.with_name(ckpt_path.name + ".sha256"), f"{sha}  {ckpt_path.name}\n".encode())
         _write_csv(out / "metrics.csv", history, names)
         _write_curves(out / "curves.png", history, names, f"{recipe.name} (seed {recipe.seed})")
         if progress:

@@ -2,9 +2,10 @@
 
 Array axes are (i, j, k) — nibabel's and MONAI's order — and ``affine @ [i, j, k, 1]`` gives the world position
 (x, y, z) of a voxel centre in RAS+ millimetres: +x points to the patient's *R*ight, +y *A*nterior, +z
-*S*uperior (DICOM/ITK's LPS+ has +x to the patient's left and +y posterior). Spacing, origin, direction and orientation code are derived from the affine and
-never stored twice. Conversions to SimpleITK, nibabel and MONAI live in :mod:`medseg.io.convert` (the only place
-that knows LPS and (z, y, x) order); the methods here call them.
+*S*uperior (DICOM/ITK's LPS+ has +x to the patient's left and +y posterior). Spacing, origin, direction and
+orientation code are derived from the affine and never stored twice. The array-level conversions to SimpleITK,
+nibabel and MONAI (LPS and (z, y, x) order) live in the foundation module :mod:`medseg.geometry`; the methods
+here call them, and :mod:`medseg.io.convert` offers the same as functions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medseg import geometry
 from medseg.errors import GeometryError, GridMismatchError, NotVolumetricError
 from medseg.labels import LabelTable
 
@@ -22,26 +24,70 @@ if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
     from monai.data import MetaTensor
 
-__all__ = ["GRID_ATOL_MM", "SourceReferences", "Volume"]
+__all__ = ["GRID_ATOL_MM", "SkippedFile", "SliceInstances", "SourceReferences", "Volume"]
 
 #: Default tolerance (mm) when deciding whether two grids are the same.
 GRID_ATOL_MM = 1e-4
 
 
 @dataclass(frozen=True)
+class SliceInstances:
+    """Which source instance holds each slice of a volume (see :meth:`SourceReferences.slice_instances`).
+
+    Attributes
+    ----------
+    axis : int
+        The array axis (0, 1 or 2) that runs across the source's slice planes.
+    instance : tuple of int
+        ``instance[s]`` is the index into :class:`SourceReferences`' per-instance tuples of the instance whose plane
+        holds slice ``s`` along ``axis``.
+    """
+
+    axis: int
+    instance: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file of a DICOM folder that is not in the loaded volume, and why.
+
+    Attributes
+    ----------
+    path : str
+        The file.
+    reason : str
+        What is wrong with it (damaged header, unreadable, contradicts the series), one line.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class SourceReferences:
     """Where a volume came from, kept so that derived objects (DICOM SEG) can reference it.
+
+    The per-instance tuples (``files``, ``sop_instance_uids``, ``positions_mm``) describe one source plane each
+    (a single-frame file, or one frame of a multi-frame file). They are keyed by **world position**, not by array
+    index: reorienting, flipping or transposing the voxels (:func:`medseg.resample.as_orientation`,
+    :func:`~medseg.resample.reorient_to`, :meth:`Volume.with_array`) keeps them valid as they are. Ask
+    :meth:`slice_instances` which instance holds each slice of a given volume.
 
     Attributes
     ----------
     files : tuple of str
-        Source files, in slice order k = 0, 1, ... (one entry for a single file).
+        Source file of each instance (one entry for a single file without geometry).
     sop_instance_uids : tuple of str
-        SOP Instance UIDs in slice order (may hold empty strings when the source blanked them).
+        SOP Instance UID of each instance (may hold empty strings when the source blanked them).
+    positions_mm : tuple of (float, float, float)
+        RAS position (mm) of each instance's first pixel (its ImagePositionPatient); empty when unknown.
     study_instance_uid, series_instance_uid, frame_of_reference_uid, sop_class_uid : str or None
         As in the source; ``None`` or ``""`` when absent or blanked.
     series_description : str or None
         Free text from the source, for listings.
+    skipped : tuple of SkippedFile
+        Damaged files of the source folder left out because the caller asked to skip them
+        (``load_volume(..., skip_unreadable=True)``); empty otherwise.
     """
 
     files: tuple[str, ...] = ()
@@ -51,6 +97,54 @@ class SourceReferences:
     frame_of_reference_uid: str | None = None
     sop_class_uid: str | None = None
     series_description: str | None = None
+    positions_mm: tuple[tuple[float, float, float], ...] = ()
+
+    def slice_instances(self, volume: Volume, *, atol_voxels: float = 0.01) -> SliceInstances:
+        """Which instance holds each slice of ``volume``, found from the instances' world positions.
+
+        Parameters
+        ----------
+        volume : Volume
+            A volume on the source's voxels in any axis order or direction (e.g. the scan after
+            :func:`~medseg.resample.as_orientation`, or labels on its grid).
+        atol_voxels : float
+            How far (in voxels) a position may sit from a voxel centre.
+
+        Returns
+        -------
+        SliceInstances
+
+        Raises
+        ------
+        GeometryError
+            If there are no positions, or the volume's voxels do not sit on the instances' planes (e.g. it was
+            resampled, cropped or comes from another series).
+        """
+        if not self.positions_mm:
+            raise GeometryError("These source references hold no instance positions (not a DICOM source with "
+                                "ImagePositionPatient); slices cannot be matched to instances.")
+        ijk = volume.voxel_ijk(np.asarray(self.positions_mm, dtype=np.float64))
+        n = len(self.positions_mm)
+        shape = np.array(volume.shape)
+        for axis in range(3):
+            others = [a for a in range(3) if a != axis]
+            idx = ijk[:, axis]
+            rounded = np.round(idx)
+            if n == 1 and shape[axis] != 1:
+                continue
+            if (np.all(np.abs(idx - rounded) <= atol_voxels) and np.all(np.ptp(ijk[:, others], axis=0) <= atol_voxels)
+                    and len(set(rounded.astype(int).tolist())) == n and n == shape[axis]
+                    and rounded.min() >= 0 and rounded.max() <= shape[axis] - 1):
+                order = np.empty(n, dtype=int)
+                order[rounded.astype(int)] = np.arange(n)
+                return SliceInstances(axis, tuple(int(v) for v in order))
+        raise GeometryError(
+            f"The volume ({volume.describe_grid()}) does not hold one slice per source instance ({n} instances): "
+            "its voxels do not sit on the source's slice planes (resampled, cropped, or another series). Put it "
+            "on the source scan's grid first, e.g. medseg.resample.resample_to(labels, scan, "
+            "interpolation='nearest')."
+        )
+    skipped: tuple[SkippedFile, ...] = ()
 
 
 def _check_affine(affine: Any) -> np.ndarray:
@@ -184,7 +278,7 @@ class Volume:
             raise GridMismatchError(
                 f"{what} are not on the same voxel grid:\n  first:  {self.describe_grid()}\n"
                 f"  second: {other.describe_grid()}\n"
-                "Resample one onto the other first, e.g. medseg.resample_to(moving, reference, interpolation="
+                "Resample one onto the other first, e.g. medseg.resample.resample_to(moving, reference, interpolation="
                 "'nearest') for labels."
             )
 
@@ -210,44 +304,36 @@ class Volume:
             raise GeometryError(f"New array shape {array.shape} does not match the grid {self.shape}.")
         return replace(self, array=array, labels=labels, modality=modality if modality is not None else self.modality)
 
-    # ---- conversions (implemented in medseg.io.convert) ----------------------------------------------------
+    # ---- conversions (array-level work in medseg.geometry) ------------------------------------------------
     def to_sitk(self) -> sitk.Image:
         """Exact SimpleITK image (LPS, (z, y, x) array order handled)."""
-        from medseg.io.convert import volume_to_sitk
-
-        return volume_to_sitk(self)
+        return geometry.sitk_image(self.array, self.affine)
 
     @classmethod
     def from_sitk(cls, image: sitk.Image, *, modality: str | None = None) -> Volume:
         """Exact volume from a SimpleITK image."""
-        from medseg.io.convert import volume_from_sitk
-
-        return volume_from_sitk(image, modality=modality)
+        arr, affine = geometry.sitk_to_array(image)
+        return cls(arr, affine, modality=modality)
 
     def to_nibabel(self) -> nib.Nifti1Image:
         """NIfTI-1 image with this affine as sform and qform (when representable)."""
-        from medseg.io.convert import volume_to_nibabel
-
-        return volume_to_nibabel(self)
+        return geometry.nibabel_image(self.array, self.affine)
 
     @classmethod
     def from_nibabel(cls, image: nib.spatialimages.SpatialImage, *, modality: str | None = None) -> Volume:
         """Volume from any nibabel spatial image (its ``affine`` is RAS by definition)."""
-        from medseg.io.convert import volume_from_nibabel
-
-        return volume_from_nibabel(image, modality=modality)
+        arr, affine = geometry.nibabel_to_array(image)
+        return cls(arr, affine, modality=modality)
 
     def to_metatensor(self) -> MetaTensor:
         """MONAI MetaTensor, channel-first (C, I, J, K), with this RAS affine; MONAI transforms run on it."""
-        from medseg.io.convert import volume_to_metatensor
-
-        return volume_to_metatensor(self)
+        filename = self.source.files[0] if self.source is not None and self.source.files else None
+        return geometry.metatensor(self.array, self.affine, filename=filename)
 
     @classmethod
     def from_metatensor(
         cls, tensor: MetaTensor, *, modality: str | None = None, labels: LabelTable | None = None
     ) -> Volume:
         """Volume from a channel-first MetaTensor (one channel → 3D, several → channels last)."""
-        from medseg.io.convert import volume_from_metatensor
-
-        return volume_from_metatensor(tensor, modality=modality, labels=labels)
+        arr, affine = geometry.metatensor_to_array(tensor)
+        return cls(arr, affine, modality=modality, labels=labels)

@@ -1,4 +1,4 @@
-"""A tiny MONAI bundle in Model Zoo layout: medseg must give the labels MONAI's own bundle machinery gives."""
+"""MONAI Model Zoo bundles: medseg's labels must equal those of MONAI's own bundle run, on an oblique input."""
 
 from __future__ import annotations
 
@@ -7,175 +7,140 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import oblique_affine
-
-from medseg import Volume
-from medseg.errors import ChecksumMismatchError, ModelCardError, ModelNotFoundError
 
 torch = pytest.importorskip("torch")
 
-NET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2],
-       "num_res_units": 0, "norm": "batch"}
-PIXDIM = [1.5, 1.25, 2.0]
-ROI = [24, 24, 16]
+from bundle_factory import CHANNELS, KINDS, ct_like, run_with_monai, write_bundle
+
+from medseg import Volume
+from medseg.errors import (
+    ChannelCountError,
+    ChecksumMismatchError,
+    ModelNotFoundError,
+    WeightsError,
+)
 
 
-def write_bundle(root: Path, *, seed: int = 0, crop: bool = False) -> Path:
-    """Model Zoo layout: configs/inference.json, configs/metadata.json, models/model.pt (random weights)."""
-    from monai.networks.nets import UNet
+def _input(kind: str, tmp_path: Path) -> tuple[Path, Volume]:
+    from medseg.io import load_volume, save_volume
 
-    (root / "configs").mkdir(parents=True)
-    (root / "models").mkdir()
-    torch.manual_seed(seed)
-    net = UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in NET.items()})
-    net.eval()
-    with torch.no_grad():
-        # Random weights, made to use all classes: non-trivial batch-norm statistics, and the last layer
-        # re-centred and scaled on a CT-like input so that each class wins somewhere (many near-ties too).
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-        last = [m for m in net.modules() if isinstance(m, torch.nn.ConvTranspose3d)][-1]
-        v = ct_like()
-        x = torch.from_numpy(np.clip((v.array.astype(np.float32) + 200) / 500, 0, 1))[None, None, :32, :24, :16]
-        last.bias -= net(x).mean(dim=(0, 2, 3, 4))
-        last.weight *= 20
-        last.bias *= 20
-    torch.save(net.state_dict(), root / "models" / "model.pt")
-    meta = {
-        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json",
-        "version": "0.1.0",
-        "name": "Tiny test bundle",
-        "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-                                 "spatial_shape": ROI, "dtype": "float32", "value_range": [0, 1],
-                                 "is_patch_data": True, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 3, "spatial_shape": ROI,
-                                 "dtype": "float32", "value_range": [0, 1], "is_patch_data": True,
-                                 "channel_def": {"0": "background", "1": "liver", "2": "liver tumor"}}},
-        },
-    }
-    (root / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2))
-    pre = [
-        {"_target_": "LoadImaged", "keys": "image"},
-        {"_target_": "EnsureChannelFirstd", "keys": "image"},
-        {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-        {"_target_": "Spacingd", "keys": "image", "pixdim": PIXDIM, "mode": "bilinear"},
-        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -200, "a_max": 300, "b_min": 0.0,
-         "b_max": 1.0, "clip": True},
-        {"_target_": "EnsureTyped", "keys": "image"},
-    ]
-    config = {
-        "imports": ["$import glob", "$import os"],
-        "bundle_root": ".",
-        "output_dir": "$@bundle_root + '/eval'",
-        "datalist": [],
-        "device": "$torch.device('cpu')",
-        "network_def": {"_target_": "UNet", **NET},
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": pre},
-        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
-                    "transform": "@preprocessing"},
-        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
-                       "num_workers": 0},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": ROI, "sw_batch_size": 2, "overlap": 0.5,
-                    "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
-             "nearest_interp": False, "to_tensor": True},
-            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
-             "separate_folder": False, "resample": False, "output_dtype": "$np.uint8"},
-        ]},
-        "handlers": [{"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
-                      "load_dict": {"model": "@network"}}],
-        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
-                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
-                      "val_handlers": "@handlers", "amp": False},
-        "run": ["$@evaluator.run()"],
-    }
-    if crop:
-        pre.insert(4, {"_target_": "CropForegroundd", "keys": "image", "source_key": "image"})
-    (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
-    return root
+    volume = ct_like(channels=4 if kind == "sigmoid4" else 0)
+    path = save_volume(volume, tmp_path / "case.nii.gz")
+    return path, load_volume(path)  # both runs read the same (float32-rounded) NIfTI affine
 
 
-def ct_like(shape=(37, 30, 19), affine=None, seed=1) -> Volume:
-    """A body-like blob in air with organ-like intensities, on an oblique anisotropic flipped grid."""
-    rng = np.random.default_rng(seed)
-    affine = oblique_affine(spacing=(1.1, 0.9, 2.6)) if affine is None else affine
-    ijk = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"), -1)
-    r = np.sqrt((ijk ** 2).sum(-1))
-    arr = np.where(r < 0.9, 40.0, -1000.0) + np.where(np.abs(ijk[..., 0] - 0.2) + np.abs(ijk[..., 1]) < 0.4, 80, 0)
-    arr = arr + rng.normal(0, 25, size=shape)
-    return Volume(arr.astype(np.int16), affine, modality="CT")
+@pytest.mark.parametrize("kind", KINDS)
+def test_bundle_labels_equal_monai_bundle_run(kind: str, tmp_path: Path) -> None:
+    """Every voxel equal to MONAI's own run (ConfigParser, evaluator, Invertd, SaveImaged) on an anisotropic,
+    oblique, flipped scan, for each of the six config shapes of ``bundle_factory``."""
+    from medseg.inference import Segmenter
+
+    bundle = write_bundle(tmp_path / f"tiny_{kind}", kind)
+    image_path, volume = _input(kind, tmp_path)
+    reference, ref_affine = run_with_monai(bundle, image_path, tmp_path / "eval", swin14=kind == "swin14")
+    seg = Segmenter(bundle, device="cpu").segment(volume)
+    ours = seg.labels.array
+    assert ours.shape == volume.shape[:3] == reference.shape
+    np.testing.assert_allclose(seg.labels.affine, volume.affine, atol=1e-6)
+    np.testing.assert_allclose(ref_affine, volume.affine, atol=1e-4)
+    values, counts = np.unique(reference, return_counts=True)
+    assert len(values) >= 3 and (counts > 20).all(), f"the random network should predict several labels: {counts}"
+    identical = float((ours == reference.astype(ours.dtype)).mean())
+    assert identical == 1.0, f"{kind}: only {identical:.6f} of voxels identical"
+    if kind == "sigmoid4":
+        assert set(values) <= {0, 1, 2, 4}, values
+        assert seg.labels.labels is not None and set(seg.labels.labels) >= set(values.tolist()) - {0}
 
 
-def run_bundle_with_monai(bundle: Path, image_path: Path, out_dir: Path) -> np.ndarray:
-    """The bundle's own inference.json through monai.bundle.ConfigParser (what `monai.bundle run` does)."""
-    from monai.bundle import ConfigParser
+def test_swin14_needs_the_old_patch_merging(tmp_path: Path) -> None:
+    """With MONAI 1.6's merging order the same weights give other labels (0.26% of the voxels of this tiny random
+    network when measured): the drift fix is what makes the labels equal to MONAI 1.4's."""
+    from medseg.inference import Segmenter
+    from medseg.models import find_model
 
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
-    parser["datalist"] = [str(image_path)]
-    parser["output_dir"] = str(out_dir)
-    parser.get_parsed_content("evaluator").run()
-    files = sorted(out_dir.glob("*_seg.nii.gz"))
-    assert len(files) == 1, files
-    import nibabel as nib
-
-    img = nib.load(files[0])
-    return np.asarray(img.dataobj).squeeze(), img.affine
+    bundle = write_bundle(tmp_path / "swin", "swin14")
+    _, volume = _input("swin14", tmp_path)
+    card = find_model(bundle)
+    assert any("patch merging" in n for n in card.bundle.notes) and any("img_size" in n for n in card.bundle.notes)
+    old = Segmenter(card, device="cpu").segment(volume).labels.array
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    meta["monai_version"] = "1.5.0"
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    new = Segmenter(bundle, device="cpu").segment(volume).labels.array
+    assert (old != new).any()
 
 
-def test_bundle_matches_monai_bundle_machinery(tmp_path: Path) -> None:
+def test_multichannel_files_matched_by_name_and_4d_file(tmp_path: Path) -> None:
+    """Four scans named after the bundle's channels, given in another order, equal the 4D file's result."""
     from medseg.inference import Segmenter
     from medseg.io import save_volume
 
-    bundle = write_bundle(tmp_path / "tiny_liver_bundle")
-    volume = ct_like()
-    image_path = save_volume(volume, tmp_path / "case.nii.gz")
-    reference, ref_affine = run_bundle_with_monai(bundle, image_path, tmp_path / "eval")
+    bundle = write_bundle(tmp_path / "brats_like", "sigmoid4")
+    _, volume = _input("sigmoid4", tmp_path)
+    seg = Segmenter(bundle, device="cpu")
+    assert seg.card.channel_names == CHANNELS and seg.card.input_channels == 4
+    whole = seg.segment(volume).labels
+    paths = {}
+    for c, name in enumerate(CHANNELS):
+        paths[name] = save_volume(Volume(volume.array[..., c], volume.affine, modality="MR"),
+                                  tmp_path / f"case_{name.lower()}.nii.gz")
+    shuffled = [paths["FLAIR"], paths["T1"], paths["T1c"], paths["T2"]]
+    by_name = seg.segment(shuffled).labels
+    np.testing.assert_array_equal(by_name.array, whole.array)
+    np.testing.assert_allclose(by_name.affine, whole.affine, atol=1e-6)
+    from typer.testing import CliRunner
 
-    seg = Segmenter(bundle).segment(image_path)
-    ours = seg.labels.array
-    assert ours.shape == volume.shape == reference.shape
-    np.testing.assert_allclose(seg.labels.affine, volume.affine, atol=1e-5)
-    np.testing.assert_allclose(ref_affine, volume.affine, atol=1e-4)
-    counts = np.bincount(reference.ravel().astype(int), minlength=3)
-    assert (counts > 50).all(), f"the random network should predict every class, got {counts}"
-    identical = float((ours == reference).mean())
-    assert identical == 1.0, f"only {identical:.6f} of voxels identical"
-    assert seg.labels.labels.names == {1: "liver", 2: "liver tumor"}
-    assert seg.labels.labels[2].kind == "lesion" and seg.labels.labels[1].kind == "organ"
+    from medseg.cli import app
+    from medseg.io import load_volume
+
+    res = CliRunner().invoke(app, ["segment", *map(str, shuffled), "--model", str(bundle), "--device", "cpu",
+                                   "--out", str(tmp_path / "cli.nii.gz")])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(load_volume(tmp_path / "cli.nii.gz").array, whole.array)
+    with pytest.raises(ChannelCountError, match="takes 4 input channel"):
+        seg.segment(shuffled[:3])
+    with pytest.raises(ChannelCountError, match="takes 4 input channel.*got 1"):
+        seg.segment(Volume(volume.array[..., 0], volume.affine))
 
 
-def test_bundle_card_from_metadata_and_config(tmp_path: Path) -> None:
+def test_stack_channels_resamples_onto_the_first_grid() -> None:
+    from medseg.resample import as_orientation, stack_channels
+
+    a = ct_like()
+    b = as_orientation(Volume(a.array.astype(np.float32) * 2, a.affine), "LPI")  # same voxels, other axis order
+    stacked = stack_channels([a, b])
+    assert stacked.shape == a.shape and stacked.array.shape[-1] == 2
+    np.testing.assert_allclose(stacked.array[..., 1], a.array * 2.0)
+
+
+def test_bundle_card_is_read_without_evaluating(tmp_path: Path) -> None:
     from medseg.models import find_model, list_models
 
-    bundle = write_bundle(tmp_path / "models" / "tiny_liver_bundle")
-    card = find_model("tiny_liver_bundle", models_dirs=[tmp_path / "models"])
-    assert card.kind == "bundle" and card.origin == "bundle"
-    assert card.preprocessing.spacing_mm == tuple(PIXDIM)
-    assert card.preprocessing.orientation == "RAS"
-    assert card.preprocessing.intensity.kind == "ct_window" and card.preprocessing.intensity.a_min == -200
-    assert card.inference.patch_size == tuple(ROI) and card.inference.overlap == 0.5
-    assert card.inference.blending == "gaussian" and card.inference.sw_batch_size == 2
+    bundle = write_bundle(tmp_path / "models" / "tiny_argmax_first", "argmax_first")
+    card = find_model("tiny_argmax_first", models_dirs=[tmp_path / "models"])
+    assert card.kind == "bundle" and card.origin == "bundle" and card.bundle.config_path.suffix == ".yaml"
+    assert card.labels is not None and card.labels.names[4] == "liver"
     assert card.modality == ("CT",) and card.channel_names == ("image",)
-    assert card.weights is not None and card.weights.path == (bundle / "models" / "model.pt").resolve()
+    assert card.bundle.inferer == "SlidingWindowInferer" and card.bundle.network == "SegResNet"
+    assert "Invertd" in card.bundle.postprocessing and card.bundle.preprocessing[0] == "LoadImaged"
+    assert "dataloader" in card.bundle.safe.ignored and "evaluator" in card.bundle.safe.ignored
     names = [c.name for c in list_models(models_dirs=[tmp_path / "models"]).cards]
-    assert names[0] == "tiny_liver_bundle" and "ct-basic" in names
+    assert names[0] == "tiny_argmax_first" and "ct-basic" in names
+    from medseg.inference import Segmenter
+
+    seg = Segmenter(bundle, device="cpu")
+    assert seg._bundle.weights.name == "model_lowres.pt" and seg._bundle.amp is True
+    assert seg.weights_sha256 is not None and len(seg.weights_sha256) == 64
 
 
-def test_bundle_with_unsupported_preprocessing_is_refused(tmp_path: Path) -> None:
-    from medseg.models import find_model
+def test_bundle_md5_from_large_files_is_checked(tmp_path: Path) -> None:
+    from medseg.inference import Segmenter
 
-    bundle = write_bundle(tmp_path / "b", crop=True)
-    with pytest.raises(ModelCardError, match="CropForegroundd.*not one medseg reproduces"):
-        find_model(bundle)
+    bundle = write_bundle(tmp_path / "b", "unet")
+    (bundle / "large_files.yml").write_text("large_files:\n  - path: models/model.pt\n    url: https://example\n"
+                                            "    hash_val: 0123456789abcdef0123456789abcdef\n    hash_type: md5\n")
+    with pytest.raises(WeightsError, match="md5 is .* but the bundle's large_files.yml records 0123"):
+        Segmenter(bundle, device="cpu")
 
 
 def test_bundle_sha256_is_checked_when_given(tmp_path: Path) -> None:
@@ -184,10 +149,23 @@ def test_bundle_sha256_is_checked_when_given(tmp_path: Path) -> None:
     from medseg.inference import Segmenter
     from medseg.models import find_model
 
-    card = find_model(write_bundle(tmp_path / "b"))
+    card = find_model(write_bundle(tmp_path / "b", "unet"))
     bad = replace(card, weights=replace(card.weights, sha256="0" * 64))
     with pytest.raises(ChecksumMismatchError, match="sha256 is .* but the model card expects 0000"):
-        Segmenter(bad)
+        Segmenter(bad, device="cpu")
+
+
+def test_labels_override_file(tmp_path: Path) -> None:
+    from medseg.models import find_model
+
+    bundle = write_bundle(tmp_path / "b", "sigmoid4")
+    card = find_model(bundle)
+    assert card.labels is None and "label values" in card.bundle.label_source  # channel_def names channels
+    (bundle / "medseg.yaml").write_text("labels: {1: necrosis, 2: edema, 4: enhancing tumour}\n"
+                                        "channel_names: [T1c, T1, T2, FLAIR]\n")
+    card = find_model(bundle)
+    assert card.labels.names == {1: "necrosis", 2: "edema", 4: "enhancing tumour"}
+    assert card.labels[4].kind == "lesion" and card.bundle.label_source == "medseg.yaml"
 
 
 def test_folder_that_is_not_a_bundle(tmp_path: Path) -> None:

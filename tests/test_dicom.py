@@ -102,27 +102,33 @@ def test_no_image_series(tmp_path, data_dir):
 def test_missing_slices_name_the_gap(tmp_path):
     paths = write_series(tmp_path, 6, origin=(0, 0, 0))
     paths[3].unlink()  # z = 6 mm is gone
-    with pytest.raises(MissingSlicesError, match=r"between 4\.00 and 8\.00 mm \(1 missing\)"):
+    with pytest.raises(MissingSlicesError, match=r"between 4\.00 mm \(IM0004\) and 8\.00 mm \(IM0002\) \(1 missing\)"):
         load_volume(tmp_path)
 
 
 def test_non_uniform_spacing(tmp_path):
     write_series(tmp_path, 4, positions=[(0, 0, 0), (0, 0, 2), (0, 0, 4), (0, 0, 7)])
-    with pytest.raises(NonUniformSpacingError, match=r"not uniform.*4\.00→7\.00 mm \(gap 3\.000\)"):
+    with pytest.raises(NonUniformSpacingError, match=r"not uniform.*4\.00→7\.00 mm \(gap 3\.000; IM0002, IM0001\)"):
         load_volume(tmp_path)
 
 
-def test_mixed_orientation_in_one_series(tmp_path):
+def test_one_slice_contradicting_its_series_is_named(tmp_path):
     write_series(tmp_path, 3)
     make_slice((0, 0, 50), iop=(0, 1, 0, 0, 0, -1)).save_as(tmp_path / "sag", enforce_file_format=True)
-    with pytest.raises(InconsistentSeriesError, match=r"differ in orientation"):
+    with pytest.raises(InconsistentSeriesError, match=r"/sag: its orientation \[0, 1, 0, 0, 0, -1\] contradicts the "
+                       r"3 other slices .*\[1, 0, 0, 0, 1, 0\].*--skip-unreadable"):
+        load_volume(tmp_path)
+    (tmp_path / "sag").unlink()
+    make_slice((0, 0, 50), rows=10, cols=10).save_as(tmp_path / "small", enforce_file_format=True)
+    with pytest.raises(InconsistentSeriesError, match=r"/small: its image size \(rows×columns\) '10×10' contradicts"):
         load_volume(tmp_path)
 
 
 def test_mixed_sizes_in_one_series(tmp_path):
     write_series(tmp_path, 3)
-    make_slice((0, 0, 50), rows=10, cols=10).save_as(tmp_path / "small", enforce_file_format=True)
-    with pytest.raises(InconsistentSeriesError, match=r"image size \(rows×columns\): 24×32 \(3 slices\), 10×10"):
+    write_series(tmp_path, 3, rows=10, cols=10, origin=(0, 0, 50), names=["s1", "s2", "s3"])
+    with pytest.raises(InconsistentSeriesError, match=r"image size \(rows×columns\): 24×32 \(3 slices\), 10×10 "
+                       r"\(3 slices\) \(e\.g\. 10×10 in s1, s2, s3\)"):
         load_volume(tmp_path)
 
 

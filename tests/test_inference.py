@@ -374,7 +374,7 @@ def test_cli_segment_writes_labels_and_sidecar(tmp_path: Path) -> None:
     assert mr.exists()
     assert res.exit_code == 2 and not (tmp_path / "mr_seg.nii.gz").exists()
     res = runner.invoke(app, ["models", "show", "ct-basci"])
-    assert res.exit_code == 2 and "Did you mean 'ct-basic'" in res.output
+    assert res.exit_code == 2 and "did you mean 'ct-basic'" in res.output
 
 
 @pytest.mark.gpu
@@ -413,3 +413,33 @@ def test_multichannel_card_refuses_a_single_channel_scan() -> None:
                  modality="CT")
     out = seg.segment(two, probabilities=True)  # channel 0 is background, channel 1 "a": argmax of (x0, x1)
     np.testing.assert_array_equal(out.labels.array, (two.array[..., 1] > two.array[..., 0]).astype(np.uint8))
+
+
+def test_cli_fast_preset_is_built_for_the_requested_device(tmp_path: Path, monkeypatch) -> None:
+    """`--fast --device X` builds the preset for X (windows per call and channels-last depend on the device), and
+    the help no longer promises the nearest-neighbour inversion the preset does not use."""
+    import torch
+    from typer.testing import CliRunner
+
+    from medseg import inference
+    from medseg.cli import app
+    from medseg.io import save_volume
+
+    asked: list[str | None] = []
+
+    def fake_choose(requested=None):
+        asked.append(requested)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(inference, "choose_device", fake_choose)
+    src = save_volume(_body_ct((20, 18, 12)), tmp_path / "ct.nii.gz")
+    runner = CliRunner()
+    res = runner.invoke(app, ["segment", str(src), "--model", "ct-basic", "--out", str(tmp_path / "s.nii.gz"),
+                              "--fast", "--device", "cuda:1"])
+    assert res.exit_code == 0, res.output
+    assert asked and asked[0] == "cuda:1"
+    import typer
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["segment"].params}  # type: ignore[attr-defined]
+    help_text = params["fast"].help
+    assert "nearest" not in help_text.lower() and "exact trilinear inversion" in help_text

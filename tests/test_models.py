@@ -56,7 +56,7 @@ def write_card(folder: Path, *, seed: int = 0, sha: bool = True, **changes) -> P
     torch.save(net.state_dict(), folder / "tiny.pt")
     data = card_dict(**changes)
     if sha:
-        from medseg.models.weights import sha256_file
+        from medseg.files import sha256_file
 
         data["weights"]["sha256"] = sha256_file(folder / "tiny.pt")
     path = folder / f"{data['name']}.yaml"
@@ -86,8 +86,8 @@ def test_card_parses_every_section(tmp_path: Path) -> None:
     [
         ({"name": None}, "missing required field 'name'"),
         ({"lables": []}, r"unknown field\(s\) in '\(top level\)': 'lables' \(did you mean 'labels'\?\)"),
-        ({"network": {"name": "Unte", "kwargs": {}}}, "unknown network 'Unte'. Did you mean 'UNet'"),
-        ({"network": {"name": "SegResNett"}}, "Did you mean 'SegResNet'"),
+        ({"network": {"name": "Unte", "kwargs": {}}}, "unknown network 'Unte' \\(did you mean 'UNet'"),
+        ({"network": {"name": "SegResNett"}}, "did you mean 'SegResNet'"),
         ({"labels": []}, "field 'labels': expected a non-empty list"),
         ({"labels": [{"value": 1, "name": "a"}, {"value": 1, "name": "b"}]}, "Label value 1 appears twice"),
         ({"labels": [{"value": 1, "name": "a", "kind": "tumour"}]}, "kind must be one of"),
@@ -236,7 +236,8 @@ def test_wrapped_and_dataparallel_state_dicts_load(tmp_path: Path) -> None:
 def test_torchscript_weights_load_as_a_module(tmp_path: Path) -> None:
     import torch
 
-    from medseg.models.weights import is_torchscript, load_weights, sha256_file
+    from medseg.files import sha256_file
+    from medseg.models.weights import is_torchscript, load_weights
 
     net = _tiny_net()
     p = tmp_path / "tiny.ts"
@@ -268,7 +269,7 @@ def test_user_folder_cards_are_found_by_name_and_broken_ones_reported(tmp_path: 
     assert len(listing.problems) == 1 and "broken.yaml" in listing.problems[0]
     card = find_model("tiny-ct", models_dirs=[tmp_path / "models"])
     assert card.weights is not None and card.weights.path == tmp_path / "models" / "tiny.pt"
-    with pytest.raises(ModelNotFoundError, match="No model named 'tiny-cd'. Did you mean 'tiny-ct'"):
+    with pytest.raises(ModelNotFoundError, match="No model named 'tiny-cd' \\(did you mean 'tiny-ct'"):
         find_model("tiny-cd", models_dirs=[tmp_path / "models"])
     with pytest.raises(ModelNotFoundError, match="--models-dir must be an existing folder"):
         list_models(models_dirs=[tmp_path / "nope"])

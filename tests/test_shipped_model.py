@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from medseg.errors import ChecksumMismatchError
+from medseg.files import sha256_file
 from medseg.models import find_model, shipped_dir
 from medseg.models.networks import build_network
-from medseg.models.weights import load_weights, sha256_file
+from medseg.models.weights import load_weights
 
 NAME = "phantom-abdomen-ct"
 

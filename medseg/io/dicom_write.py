@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.errors import DicomWriteError, MedsegError, UnreadableFileError
-from medseg.io.convert import LPS_TO_RAS
+from medseg.geometry import LPS_TO_RAS
 from medseg.volume import Volume
 
 __all__ = ["TRANSFER_SYNTAXES", "TransferSyntax", "WrittenSeries", "write_dicom_series"]

@@ -2,11 +2,19 @@
 and safe weight loading. Importing this package does not import torch."""
 
 from medseg.models.cards import ModelCard, load_card, parse_card
-from medseg.models.registry import ModelListing, find_model, list_models, load_bundle, shipped_dir
+from medseg.models.registry import (
+           ModelListing,
+           describe_model,
+           find_model,
+           list_models,
+           load_bundle,
+           shipped_dir,
+)
 
 __all__ = [
            "ModelCard",
            "ModelListing",
+           "describe_model",
            "find_model",
            "list_models",
            "load_bundle",

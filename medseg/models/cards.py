@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medseg.errors import LabelTableError, ModelCardError
-from medseg.labels import Label, LabelTable, default_color
+from medseg.labels import Label, LabelTable, SegmentCode, default_color
+from medseg.schema import SchemaReader, did_you_mean
 
 __all__ = [
     "CARD_SUFFIXES",
@@ -176,6 +177,8 @@ class ModelCard:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     origin: Literal["shipped", "user", "bundle", "memory"] = "memory"
+    #: For ``kind: bundle``: what medseg read of the MONAI bundle (:class:`medseg.models.bundle.BundleSpec`).
+    bundle: Any = field(default=None, repr=False, compare=False)
 
     @property
     def out_channels(self) -> int:
@@ -227,82 +230,17 @@ class ModelCard:
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
-def _did_you_mean(name: str, options: set[str] | list[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``options``, or an empty string."""
-    import difflib
-
-    close = difflib.get_close_matches(name, sorted(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-class _Reader:
-    """Field access with errors that name the card and the field."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, where: str, expected: str, got: Any) -> ModelCardError:
-        return ModelCardError(f"{self.source}: field '{where}': expected {expected}, got {got!r}.")
-
-    def mapping(self, data: Any, where: str, allowed: set[str] | None = None) -> Mapping[str, Any]:
-        if data is None:
-            return {}
-        if not isinstance(data, Mapping):
-            raise self.fail(where, "a mapping (key: value lines)", data)
-        if allowed is not None:
-            unknown = sorted(set(map(str, data)) - allowed)
-            if unknown:
-                hint = "; ".join(f"'{u}'{_did_you_mean(u, allowed)}" for u in unknown)
-                raise ModelCardError(
-                    f"{self.source}: unknown field(s) in '{where}': {hint}. Allowed: {sorted(allowed)}."
-                )
-        return data
-
-    def string(self, data: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
-        value = data.get(key, default)
-        if value is None:
-            raise ModelCardError(f"{self.source}: missing required field '{where}{key}'.")
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.fail(where + key, "a string", value)
-        return str(value)
-
-    def number(self, data: Mapping[str, Any], key: str, where: str, default: float, *, lo: float | None = None,
-               hi: float | None = None) -> float:
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(where + key, "a number", value)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise self.fail(where + key, f"a number in [{lo}, {hi}]", value)
-        return float(value)
-
-    def boolean(self, data: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
-        value = data.get(key, default)
-        if not isinstance(value, bool):
-            raise self.fail(where + key, "true or false", value)
-        return value
-
-    def choice(self, data: Mapping[str, Any], key: str, where: str, default: str, options: tuple[str, ...]) -> str:
-        value = data.get(key, default)
-        if value not in options:
-            raise self.fail(where + key, f"one of {list(options)}", value)
-        return str(value)
-
-    def triple(self, value: Any, where: str, kind: type, *, positive: bool = True) -> tuple[Any, Any, Any]:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value] * 3
-        if not isinstance(value, (list, tuple)) or len(value) != 3:
-            raise self.fail(where, f"three {kind.__name__}s (i, j, k) or one for all", value)
-        out = []
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
-                raise self.fail(where, f"three {kind.__name__}s (i, j, k)", value)
-            if positive and v <= 0:
-                raise self.fail(where, "positive values", value)
-            out.append(kind(v))
-        return tuple(out)  # type: ignore[return-value]
+def _code(r: SchemaReader, data: Any, where: str) -> SegmentCode | None:
+    """A label's optional DICOM SEG code: {category: [scheme, value, meaning], type: [...], modifier: [...]}."""
+    if data is None:
+        return None
+    try:
+        return SegmentCode.from_json(data, where=f"{r.source}: field '{where}'")
+    except LabelTableError as exc:
+        raise ModelCardError(str(exc)) from None
 
 
-def _labels(r: _Reader, data: Any) -> LabelTable:
+def _labels(r: SchemaReader, data: Any) -> LabelTable:
     items: list[Label] = []
     if isinstance(data, Mapping):  # {1: liver, 2: tumour}
         data = [{"value": k, "name": v} for k, v in data.items()]
@@ -310,11 +248,12 @@ def _labels(r: _Reader, data: Any) -> LabelTable:
         raise r.fail("labels", "a non-empty list of {value, name, color, kind} (or a {value: name} mapping)", data)
     for n, item in enumerate(data):
         where = f"labels[{n}]"
-        item = r.mapping(item, where, {"value", "name", "color", "colour", "kind"})
+        item = r.mapping(item, where, {"value", "name", "color", "colour", "kind", "code"})
+        code = _code(r, item.get("code"), f"{where}.code")
         try:
             value = int(item["value"])
             color = item.get("color", item.get("colour")) or default_color(value)
-            items.append(Label(value, str(item["name"]), tuple(color), item.get("kind", "organ")))  # type: ignore[arg-type]
+            items.append(Label(value, str(item["name"]), tuple(color), item.get("kind", "organ"), code))  # type: ignore[arg-type]
         except KeyError as exc:
             raise ModelCardError(f"{r.source}: field '{where}' needs '{exc.args[0]}'.") from None
         except (TypeError, ValueError) as exc:
@@ -325,7 +264,7 @@ def _labels(r: _Reader, data: Any) -> LabelTable:
         raise ModelCardError(f"{r.source}: field 'labels': {exc}") from None
 
 
-def _intensity(r: _Reader, data: Any) -> IntensitySpec:
+def _intensity(r: SchemaReader, data: Any) -> IntensitySpec:
     d = r.mapping(data, "preprocessing.intensity",
                   {"kind", "a_min", "a_max", "b_min", "b_max", "clip", "lower", "upper", "nonzero"})
     w = "preprocessing.intensity."
@@ -345,7 +284,7 @@ def _intensity(r: _Reader, data: Any) -> IntensitySpec:
     return spec
 
 
-def _lesion_hosts(r: _Reader, data: Any, label_names: set[str] | None) -> dict[str, tuple[str, ...]]:
+def _lesion_hosts(r: SchemaReader, data: Any, label_names: set[str] | None) -> dict[str, tuple[str, ...]]:
     """``postprocessing.lesion_hosts``: label name → a non-empty list of other label names of the card."""
     where = "postprocessing.lesion_hosts"
     hosts = r.mapping(data, where, label_names)
@@ -360,7 +299,7 @@ def _lesion_hosts(r: _Reader, data: Any, label_names: set[str] | None) -> dict[s
         for n in names:
             if n not in allowed:
                 raise ModelCardError(f"{r.source}: '{where}.{name}' names '{n}', which is not another label of the "
-                                     f"card{_did_you_mean(n, allowed)}. Labels: {allowed}.")
+                                     f"card{did_you_mean(n, allowed)}. Labels: {allowed}.")
         out[str(name)] = tuple(names)
     return out
 
@@ -384,7 +323,7 @@ def parse_card(data: Any, *, source: str | Path = "model card", base_dir: Path |
     UnknownNetworkError
         If ``network.name`` is not a MONAI network (with the closest names).
     """
-    r = _Reader(str(source))
+    r = SchemaReader(str(source), ModelCardError)
     top = r.mapping(data, "(top level)", _TOP_KEYS)
     if not top:
         raise ModelCardError(f"{source}: the card is empty; expected at least 'name', 'labels' and 'network'.")
@@ -517,16 +456,12 @@ def load_card(path: str | Path) -> ModelCard:
     ModelCardError
         If the file is not valid YAML or not a valid card.
     """
-    import yaml
-
     from medseg.errors import ModelNotFoundError
+    from medseg.schema import read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"{path}: no such model card file.")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ModelCardError(f"{path}: cannot read the model card as YAML ({exc}).") from None
+    data = read_yaml(path, ModelCardError, what="model card")
     card = parse_card(data, source=path, base_dir=path.parent)
     return replace(card, source=path)

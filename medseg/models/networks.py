@@ -7,12 +7,12 @@ network does.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from medseg.errors import ModelCardError, UnknownNetworkError
+from medseg.schema import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -47,10 +47,9 @@ def canonical_network_name(name: str, *, source: str = "model card") -> str:
     by_lower = {n.lower(): n for n in NETWORKS}
     if name.lower() in by_lower:
         return by_lower[name.lower()]
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(by_lower[c]) for c in close)}?" if close else ""
+    hint = did_you_mean(name, NETWORKS, n=3, cutoff=0.5, ignore_case=True)
     raise UnknownNetworkError(
-        f"{source}: unknown network {name!r}.{hint} Supported MONAI networks: {', '.join(NETWORKS)}."
+        f"{source}: unknown network {name!r}{hint}. Supported MONAI networks: {', '.join(NETWORKS)}."
     )
 
 

@@ -6,7 +6,6 @@ refused: unpickling can run arbitrary code. TorchScript files (``torch.jit.save`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zipfile
 from collections.abc import Mapping
@@ -19,24 +18,16 @@ from medseg.errors import (
     UnsafeCheckpointError,
     WeightsError,
 )
+from medseg.files import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["is_torchscript", "load_state_dict", "load_weights", "sha256_file", "verify_sha256"]
+__all__ = ["is_torchscript", "load_state_dict", "load_weights", "verify_sha256"]
 
 logger = logging.getLogger(__name__)
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "network", "net", "weights")
-
-
-def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str | None) -> str:

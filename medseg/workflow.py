@@ -1,0 +1,1048 @@
+"""Batch runs: workflow recipes and the resumable runner (in-process or on a Dask cluster).
+
+:func:`run_batch` segments every case of a :class:`~medseg.manifest.Manifest` with one model and writes the
+**results layout** that :func:`medseg.report.find_cases` reads::
+
+    OUT/
+      <case_id>/pred.nii.gz          labels on the scan's own grid (+ pred.labels.json, the label table)
+      <case_id>/ref.nii.gz           the reference labels, when the manifest has them (for the report)
+      <case_id>/segmentation.dcm     DICOM SEG, for DICOM inputs when asked for
+      <case_id>/stats.csv            volume and intensity statistics per label
+      <case_id>/metrics.csv          Dice, HD95, ... against the reference, when there is one
+      <case_id>/status.json          the case's status record, written LAST
+      statistics.csv                 one table over all done cases (case_id first)
+      metrics.csv                    one table over all evaluated cases
+      report.html                    (+ report_metrics.csv, report_stats.csv, report.json)
+      run.json                       the run record
+
+Guarantees:
+
+- every file is written atomically (:mod:`medseg.files`: a temporary name in the same folder, then a rename), and
+  a case's ``status.json`` is written after all its outputs, so a case without a complete record is redone and
+  nothing partial is ever left under a final name; temporaries a killed run left are removed when a run starts
+  and ends;
+- a rerun skips a case whose record says ``done`` for the same input sha256, model sha256 and options, and whose
+  outputs still have the sha256 it records; every other case is (re)done, failed ones included;
+- a failing case (missing file, checksum mismatch, unreadable or truncated DICOM, several series and none
+  chosen, a 2D image, a model error) is recorded with its error and the run goes on;
+- the model is loaded once per process (per Dask worker); in-process, the next case is read in a background
+  thread while the current one is segmented (``prefetch``). A thread in the process means the DICOM loader
+  decodes compressed series serially (its forked parallel decode needs a single-threaded process), so
+  ``prefetch=False`` is the choice for few large compressed series;
+- privacy: logs, records, CSV/JSON and the report name cases by ``case_id`` only. Patient name, ID and birth
+  date are never read, except with ``include_phi=True``, which adds them to the status and run records and to
+  ``statistics.csv`` (DICOM SEG objects carry the patient module by design).
+
+Exit status of ``medseg batch`` / ``medseg run`` (:attr:`RunResult.exit_status`): 0 when every case is done
+(or skipped as already done), 3 when the run finished with failed cases, 2 for a usage or recipe error.
+
+Workflow recipes (``workflows/*.yaml``, :func:`load_workflow`)::
+
+    name: ct-organs-phantoms
+    model: phantom-abdomen-ct                 # a model name, card path or bundle folder
+    inputs: {manifest: ../data_manifests/demo-phantoms.json}   # or {folder: studies/}
+    outputs: {folder: runs/ct-organs, labels: true, dicom_seg: false, seg_type: binary, stats: true,
+              metrics: true, report: true, image: false}
+    inference: {device: cpu, fast: false, tta: false, overlap: null, amp: null, torch_threads: null}
+    executor: {kind: local, workers: 2, scheduler: null, prefetch: true, retries: 2, memory_limit: 4GiB}
+    include_phi: false
+
+Relative paths resolve against the recipe's folder; ``medseg run RECIPE --set outputs.folder=/tmp/x`` overrides a
+field (the value is read as YAML).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from medseg.errors import MedsegError, NotVolumetricError, WorkflowError
+from medseg.files import atomic_path, atomic_write_text, remove_partials, sha256_file
+from medseg.manifest import Case, Manifest, make_manifest, read_manifest, verify_case
+from medseg.schema import SchemaReader, read_yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medseg.inference import Segmenter
+    from medseg.volume import Volume
+
+__all__ = [
+    "EXIT_FAILED_CASES",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CaseRecord",
+    "OutputOptions",
+    "RunEvent",
+    "RunOptions",
+    "RunResult",
+    "Workflow",
+    "load_manifest_or_folder",
+    "load_workflow",
+    "parse_workflow",
+    "run_batch",
+    "run_workflow",
+]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_FAILED_CASES = 3
+
+STATUS_NAME = "status.json"
+RUN_RECORD_NAME = "run.json"
+RECORD_VERSION = 1
+
+SegType = Literal["binary", "labelmap"]
+
+
+# ---- options --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputOptions:
+    """What the runner writes per case (see the module docstring for the layout).
+
+    Attributes
+    ----------
+    labels : bool
+        ``pred.nii.gz`` with its label table (always needed by the statistics, metrics and report; when False the
+        labels are still written, this only documents that a caller wants them).
+    dicom_seg : bool
+        ``segmentation.dcm`` for DICOM inputs (:func:`medseg.io.dicom_seg.write_dicom_seg`); non-DICOM inputs
+        get none and their record says why.
+    seg_type : {"binary", "labelmap"}
+        DICOM SEG type.
+    stats : bool
+        ``stats.csv`` per case and ``statistics.csv`` over all cases.
+    metrics : bool
+        ``metrics.csv`` (and ``ref.nii.gz``) for cases with reference labels, and ``metrics.csv`` over them.
+    report : bool
+        ``report.html`` over all done cases at the end.
+    image : bool
+        Also write the scan as ``image.nii.gz`` in each case folder (report thumbnails; costs disk).
+    """
+
+    labels: bool = True
+    dicom_seg: bool = False
+    seg_type: SegType = "binary"
+    stats: bool = True
+    metrics: bool = True
+    report: bool = True
+    image: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a batch runs: model and inference settings, outputs, executor, privacy.
+
+    Attributes
+    ----------
+    model : str
+        Model name, card path or MONAI bundle folder.
+    models_dirs : tuple of str
+        User folders of cards and bundles.
+    device : str or None
+        "cpu", "cuda", "cuda:N", "mps"; None picks the best available.
+    fast, tta : bool
+        The inference presets of ``medseg segment --fast`` / ``--tta``.
+    overlap : float or None
+        Sliding-window overlap (None: the card's).
+    amp : bool or None
+        Mixed precision (None: the preset's choice).
+    torch_threads : int or None
+        ``torch.set_num_threads`` in every process that segments (None: leave PyTorch's default). CPU results can
+        differ in the last bits with the thread count, so runs meant to be byte-identical use the same value.
+    outputs : OutputOptions
+    executor : {"local", "dask"}
+        In-process, or one task per case on a Dask cluster (a LocalCluster of ``workers`` processes, or
+        ``scheduler``).
+    workers : int
+        LocalCluster worker processes.
+    scheduler : str or None
+        Address of a running Dask scheduler (``tcp://host:8786``); implies ``executor="dask"``.
+    prefetch : bool
+        In-process: read the next case in a background thread while the current one is segmented.
+    retries : int
+        Dask: times a case is retried after it raised an unexpected error (a lost worker is always retried, up
+        to the scheduler's ``allowed-failures``).
+    memory_limit : str
+        Dask LocalCluster memory limit per worker (a worker above it is restarted and its case retried).
+    include_phi : bool
+        Add patient name, ID and birth date to the records and ``statistics.csv``.
+    """
+
+    model: str = "phantom-abdomen-ct"
+    models_dirs: tuple[str, ...] = ()
+    device: str | None = None
+    fast: bool = False
+    tta: bool = False
+    overlap: float | None = None
+    amp: bool | None = None
+    torch_threads: int | None = None
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+    executor: Literal["local", "dask"] = "local"
+    workers: int = 2
+    scheduler: str | None = None
+    prefetch: bool = True
+    retries: int = 2
+    memory_limit: str = "4GiB"
+    include_phi: bool = False
+
+    def __post_init__(self) -> None:
+        if self.executor not in ("local", "dask"):
+            raise WorkflowError(f"executor must be 'local' or 'dask', not {self.executor!r}.")
+        if self.workers < 1:
+            raise WorkflowError(f"workers must be at least 1, not {self.workers}.")
+        if self.outputs.seg_type not in ("binary", "labelmap"):
+            raise WorkflowError(f"seg_type must be 'binary' or 'labelmap', not {self.outputs.seg_type!r}.")
+        if self.overlap is not None and not 0.0 <= self.overlap < 1.0:
+            raise WorkflowError(f"overlap must be in [0, 1), not {self.overlap}.")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise WorkflowError(f"torch_threads must be at least 1, not {self.torch_threads}.")
+
+    def check_available(self) -> None:
+        """Check that this installation can honour the options (DICOM SEG writer, dask.distributed).
+
+        Raises
+        ------
+        WorkflowError
+            Naming what is missing and what to do.
+        """
+        if self.outputs.dicom_seg and _dicom_seg_writer() is None:
+            raise WorkflowError("DICOM SEG output was asked for (dicom_seg / --dicom-seg) but is not available in "
+                                "this medseg installation yet (medseg.io.dicom_seg.write_dicom_seg is missing); run "
+                                "without it, or update medseg.")
+        if self.executor == "dask" or self.scheduler:
+            try:
+                import distributed  # noqa: F401
+            except ImportError:
+                raise WorkflowError("the Dask executor needs dask.distributed: pip install 'medseg[dask]'.") from None
+
+    def result_options(self) -> dict[str, Any]:
+        """The options that change a case's outputs (recorded, and compared when a rerun decides to skip)."""
+        out = asdict(self.outputs)
+        out.pop("report")
+        return {"device": self.device, "fast": self.fast, "tta": self.tta, "overlap": self.overlap, "amp": self.amp,
+                "torch_threads": self.torch_threads, "outputs": out}
+
+
+# ---- records --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaseRecord:
+    """The status record of one case (``<case_id>/status.json``).
+
+    Attributes
+    ----------
+    case_id : str
+    state : {"done", "failed", "skipped"}
+        "skipped": an earlier run's record matched; the outputs are that run's.
+    inputs_sha256 : mapping
+        ``{"image": hex, "label": hex}`` as computed for this run.
+    outputs : mapping
+        File name (relative to the case folder) → sha256.
+    timings_s : mapping
+        Seconds per stage: verify, read, segment, write, dicom_seg, stats, metrics, total.
+    error : str or None
+        The failure message (starting with the error type).
+    error_type : str or None
+    notes : tuple of str
+        Things the case did not produce and why (e.g. DICOM SEG for a NIfTI input).
+    phi : mapping or None
+        Patient name, ID and birth date (only with ``include_phi``).
+    model, options, versions, device :
+        What produced the outputs (model name, version and sha256; the result options; library versions).
+    worker : str or None
+        The Dask worker that ran the case.
+    run_id : str or None
+        The run that wrote the record (a Dask task retried within one run finds its own record: "done").
+    model_loads : int
+        How many times the process that ran the case had loaded a model until then (1: loaded once, kept).
+    """
+
+    case_id: str
+    state: Literal["done", "failed", "skipped"]
+    inputs_sha256: Mapping[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    timings_s: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+    error_type: str | None = None
+    notes: tuple[str, ...] = ()
+    phi: Mapping[str, str] | None = None
+    model: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+    device: str | None = None
+    worker: str | None = None
+    run_id: str | None = None
+    model_loads: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["record_version"] = RECORD_VERSION
+        out["notes"] = list(self.notes)
+        if self.phi is None:
+            out.pop("phi")
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CaseRecord:
+        names = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["notes"] = tuple(kwargs.get("notes") or ())
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """Progress of a run, for a progress bar or JSON log lines.
+
+    ``kind``: "start" (``total`` known), "case" (one case finished: ``record``), "end".
+    """
+
+    kind: Literal["start", "case", "end"]
+    total: int
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    record: CaseRecord | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": self.kind, "total": self.total, "done": self.done, "failed": self.failed,
+                               "skipped": self.skipped, "seconds": round(self.seconds, 3)}
+        if self.record is not None:
+            out.update({"case_id": self.record.case_id, "state": self.record.state, "error": self.record.error,
+                        "case_seconds": self.record.timings_s.get("total")})
+        return out
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What :func:`run_batch` did.
+
+    Attributes
+    ----------
+    out_dir : Path
+    records : tuple of CaseRecord
+        In manifest order.
+    run_record : Path
+        ``run.json``.
+    statistics_csv, metrics_csv, report_html : Path or None
+    seconds : float
+    """
+
+    out_dir: Path
+    records: tuple[CaseRecord, ...]
+    run_record: Path
+    statistics_csv: Path | None = None
+    metrics_csv: Path | None = None
+    report_html: Path | None = None
+    seconds: float = 0.0
+
+    def count(self, state: str) -> int:
+        return sum(r.state == state for r in self.records)
+
+    @property
+    def failed(self) -> tuple[CaseRecord, ...]:
+        return tuple(r for r in self.records if r.state == "failed")
+
+    @property
+    def exit_status(self) -> int:
+        """0 when every case is done or skipped, 3 when some failed."""
+        return EXIT_FAILED_CASES if self.failed else EXIT_OK
+
+
+# ---- model identity, versions, PHI -----------------------------------------------------------------------------
+def _model_identity(card: Any) -> dict[str, Any]:
+    """Name, version, kind and the sha256 that identifies the model's behaviour (weights, else the card file)."""
+    sha = card.weights.sha256 if card.weights is not None else None
+    if sha is None and card.weights is not None and card.weights.path.is_file():
+        sha = sha256_file(card.weights.path)
+    card_sha = sha256_file(card.source) if card.source is not None and Path(card.source).is_file() else None
+    return {"name": card.name, "version": card.version, "kind": card.kind, "weights_sha256": sha,
+            "card_sha256": card_sha}
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, medseg and the libraries that shape the outputs."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("medseg", "numpy", "torch", "monai", "nibabel", "SimpleITK", "pydicom", "highdicom", "dask",
+                 "distributed"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _read_phi(volume: Volume) -> dict[str, str] | None:
+    """Patient name, ID and birth date of a DICOM-sourced volume (only called with ``include_phi``)."""
+    if volume.source is None or not volume.source.files:
+        return None
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(volume.source.files[0], stop_before_pixels=True,
+                             specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
+    except Exception:  # noqa: BLE001 - PHI is optional extra information; the case itself already loaded
+        return None
+    return {"patient_name": str(ds.get("PatientName", "")), "patient_id": str(ds.get("PatientID", "")),
+            "patient_birth_date": str(ds.get("PatientBirthDate", ""))}
+
+
+# ---- one case -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a process needs to run cases (picklable: it travels to Dask workers)."""
+
+    out_dir: Path
+    options: RunOptions
+    model: Mapping[str, Any]
+    versions: Mapping[str, str]
+    root: Path
+    run_id: str = ""
+
+
+_SEGMENTERS: dict[tuple[Any, ...], Any] = {}
+_SEGMENTER_LOCK = threading.Lock()
+_MODEL_LOADS = [0]  # models loaded by this process (recorded per case: a worker loads its model once)
+
+
+def _segmenter(options: RunOptions) -> Segmenter:
+    """The process's Segmenter for these options, loaded once (per process, so once per Dask worker)."""
+    key = (options.model, options.models_dirs, options.device, options.fast, options.tta, options.overlap,
+           options.amp, options.torch_threads)
+    with _SEGMENTER_LOCK:
+        if key not in _SEGMENTERS:
+            from medseg.inference import InferenceOptions, Segmenter
+
+            if options.torch_threads is not None:
+                import torch
+
+                torch.set_num_threads(options.torch_threads)
+            base = InferenceOptions.fast(device=options.device) if options.fast else InferenceOptions()
+            changes: dict[str, Any] = {"device": options.device}
+            if options.overlap is not None:
+                changes["overlap"] = options.overlap
+            if options.amp is not None:
+                changes["amp"] = options.amp
+            if options.tta:
+                changes["tta"] = True
+            _SEGMENTERS.clear()  # one model per process
+            _MODEL_LOADS[0] += 1
+            _SEGMENTERS[key] = Segmenter(options.model, models_dirs=list(options.models_dirs), options=base,
+                                         **changes)
+        return _SEGMENTERS[key]  # type: ignore[no-any-return]
+
+
+def _scrub(message: str, plan: _Plan, case: Case) -> str:
+    """Error text without the absolute folders (which may hold names chosen by the site) unless include_phi."""
+    if plan.options.include_phi:
+        return message
+    for p, name in ((case.image, "<image>"), (plan.root, "<root>"), (plan.out_dir, "<out>")):
+        message = message.replace(str(p), name)
+    return message
+
+
+def _read_record(folder: Path) -> CaseRecord | None:
+    p = folder / STATUS_NAME
+    if not p.is_file():
+        return None
+    try:
+        return CaseRecord.from_json(json.loads(p.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        logger.warning("unreadable status record %s (%s); the case is redone", p.name, exc)
+        return None
+
+
+def _already_done(folder: Path, digests: Mapping[str, str], plan: _Plan) -> CaseRecord | None:
+    """The earlier record when it says done for the same inputs, model and options and its outputs are intact."""
+    rec = _read_record(folder)
+    if rec is None or rec.state != "done":
+        return None
+    if (dict(rec.inputs_sha256) != dict(digests) or dict(rec.model) != dict(plan.model)
+            or json.loads(json.dumps(rec.options)) != json.loads(json.dumps(plan.options.result_options()))):
+        return None
+    for name, sha in rec.outputs.items():
+        p = folder / name
+        if not p.is_file() or sha256_file(p) != sha:
+            return None
+    return rec
+
+
+@dataclass
+class _Loaded:
+    """A case read ahead: its digests and volumes, or the record that says it is already done, or its error."""
+
+    case: Case
+    digests: dict[str, str] = field(default_factory=dict)
+    image: Any = None
+    reference: Any = None
+    skipped: CaseRecord | None = None
+    error: BaseException | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _read_case(case: Case, plan: _Plan) -> _Loaded:
+    """Verify (sha256), decide whether an earlier run already did it, and load the image (and reference)."""
+    from medseg.io import load_volume
+
+    loaded = _Loaded(case)
+    try:
+        t0 = time.perf_counter()
+        loaded.digests = verify_case(case)
+        t1 = time.perf_counter()
+        loaded.timings["verify"] = t1 - t0
+        loaded.skipped = _already_done(plan.out_dir / case.case_id, loaded.digests, plan)
+        if loaded.skipped is not None:
+            return loaded
+        image = load_volume(case.image, series_uid=case.series_uid)
+        if image.array.ndim != 3 or min(image.shape) < 2:
+            raise NotVolumetricError(
+                f"case {case.case_id}: the image has shape {tuple(image.array.shape)}; a 3D volume with at least 2 "
+                "voxels along every axis is expected (a single slice or a 2D image cannot be segmented in 3D)."
+            )
+        loaded.image = image
+        if case.label is not None and plan.options.outputs.metrics:
+            loaded.reference = load_volume(case.label)
+        loaded.timings["read"] = time.perf_counter() - t1
+    except Exception as exc:  # noqa: BLE001 - recorded per case by the caller; the run goes on
+        loaded.error = exc
+    return loaded
+
+
+def _failed(case: Case, exc: BaseException, plan: _Plan, digests: Mapping[str, str],
+            timings: Mapping[str, float], worker: str | None) -> CaseRecord:
+    kind = type(exc).__name__
+    text = str(exc) if isinstance(exc, MedsegError) else f"internal error: {kind}: {exc}"
+    if not isinstance(exc, MedsegError):
+        logger.debug("case %s: unexpected error", case.case_id, exc_info=exc)
+    return CaseRecord(case.case_id, "failed", dict(digests), {}, dict(timings), _scrub(text, plan, case), kind,
+                      model=dict(plan.model), options=plan.options.result_options(), versions=dict(plan.versions),
+                      device=plan.options.device, worker=worker, run_id=plan.run_id, model_loads=_MODEL_LOADS[0])
+
+
+def _write_csv(path: Path, text: str) -> None:
+    atomic_write_text(path, text)
+
+
+def _dicom_seg_writer() -> Callable[..., Any] | None:
+    try:
+        from medseg.io import dicom_seg
+    except ImportError:
+        return None
+    return getattr(dicom_seg, "write_dicom_seg", None)
+
+
+def _write_dicom_seg(labels: Volume, image: Volume, path: Path, plan: _Plan) -> None:
+    writer = _dicom_seg_writer()
+    if writer is None:  # checked before the run starts; kept for workers of another medseg build
+        raise WorkflowError("DICOM SEG output is not available in this medseg installation "
+                            "(medseg.io.dicom_seg.write_dicom_seg is missing).")
+    kwargs: dict[str, Any] = {"seg_type": plan.options.outputs.seg_type}
+    try:
+        from medseg.io.dicom_seg import SegAlgorithm  # type: ignore[attr-defined]
+
+        kwargs["algorithm"] = SegAlgorithm(name=str(plan.model["name"]), version=str(plan.model["version"]),
+                                           weights_sha256=plan.model.get("weights_sha256"))
+    except (ImportError, TypeError, AttributeError):
+        pass
+    with atomic_path(path, keep_suffix=".dcm") as tmp:
+        writer(labels, image, tmp, **kwargs)
+
+
+def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRecord:
+    """Segment one read case and write its outputs, then its status record (last)."""
+    from medseg.io import save_volume
+
+    case = loaded.case
+    timings = dict(loaded.timings)
+    if loaded.skipped is not None:
+        if loaded.skipped.run_id == plan.run_id:  # a Dask retry of a task whose first try had finished
+            return loaded.skipped
+        return replace(loaded.skipped, state="skipped")
+    folder = plan.out_dir / case.case_id
+    t_start = time.perf_counter()
+    try:
+        if loaded.error is not None:
+            raise loaded.error
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / STATUS_NAME).unlink(missing_ok=True)  # the case is being redone: no record until it is complete
+        image = loaded.image
+        t = time.perf_counter()
+        seg = _segmenter(plan.options).segment(image)
+        timings["segment"] = time.perf_counter() - t
+        labels = seg.labels
+        written: list[str] = []
+        t = time.perf_counter()
+        save_volume(labels, folder / "pred.nii.gz")
+        written += ["pred.nii.gz", "pred.labels.json"]
+        if plan.options.outputs.image:
+            save_volume(image, folder / "image.nii.gz")
+            written.append("image.nii.gz")
+        timings["write"] = time.perf_counter() - t
+        notes: list[str] = []
+        if plan.options.outputs.dicom_seg:
+            if image.source is not None and image.source.sop_instance_uids:
+                t = time.perf_counter()
+                _write_dicom_seg(labels, image, folder / "segmentation.dcm", plan)
+                written.append("segmentation.dcm")
+                timings["dicom_seg"] = time.perf_counter() - t
+            else:
+                notes.append("no DICOM SEG: the input is not a DICOM series")
+        if plan.options.outputs.stats:
+            from medseg.stats import volume_stats
+
+            t = time.perf_counter()
+            _write_csv(folder / "stats.csv", volume_stats(labels, image).to_csv())
+            written.append("stats.csv")
+            timings["stats"] = time.perf_counter() - t
+        if loaded.reference is not None:
+            from medseg.metrics import evaluate
+
+            t = time.perf_counter()
+            ref = loaded.reference
+            if ref.labels is None and labels.labels is not None:
+                ref = ref.with_array(ref.array, labels=labels.labels)
+            result = evaluate(labels, ref, resample=not labels.same_grid(ref))
+            _write_csv(folder / "metrics.csv", result.to_csv())
+            save_volume(ref, folder / "ref.nii.gz")
+            written += ["metrics.csv", "ref.nii.gz"]
+            if ref.labels is not None:
+                written.append("ref.labels.json")
+            timings["metrics"] = time.perf_counter() - t
+        phi = _read_phi(image) if plan.options.include_phi else None
+        timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
+            time.perf_counter() - t_start)
+        outputs = {name: sha256_file(folder / name) for name in written if (folder / name).is_file()}
+        record = CaseRecord(case.case_id, "done", loaded.digests, outputs, {k: round(v, 4) for k, v in timings.items()},
+                            notes=tuple(notes), phi=phi, model=dict(plan.model),
+                            options=plan.options.result_options(), versions=dict(plan.versions),
+                            device=seg.device, worker=worker, run_id=plan.run_id, model_loads=_MODEL_LOADS[0])
+    except Exception as exc:  # noqa: BLE001 - a failing case is recorded and the run goes on
+        timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
+            time.perf_counter() - t_start)
+        record = _failed(case, exc, plan, loaded.digests, {k: round(v, 4) for k, v in timings.items()}, worker)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
+    except OSError as exc:
+        record = _failed(case, WorkflowError(f"cannot write the status record: {exc}"), plan, loaded.digests,
+                         record.timings_s, worker)
+    log = logger.info if record.state == "done" else logger.warning
+    log("case %s %s in %.1f s%s", case.case_id, record.state, record.timings_s.get("total", 0.0),
+        f": {record.error}" if record.error else "")
+    return record
+
+
+def run_case(case: Case, plan: _Plan) -> CaseRecord:
+    """Read, segment and write one case in this process (what a Dask task runs)."""
+    return _process(_read_case(case, plan), plan)
+
+
+# ---- executors ------------------------------------------------------------------------------------------------
+def _local(cases: Sequence[Case], plan: _Plan) -> Iterator[CaseRecord]:
+    """In-process: the next case is read in a background thread while the current one is segmented."""
+    if not cases:
+        return
+    if not plan.options.prefetch:
+        for case in cases:
+            yield run_case(case, plan)
+        return
+    ahead: queue.Queue[_Loaded] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def reader() -> None:
+        for case in cases:
+            if stop.is_set():
+                return
+            item = _read_case(case, plan)
+            while not stop.is_set():
+                try:
+                    ahead.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+
+    thread = threading.Thread(target=reader, name="medseg-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in cases:
+            yield _process(ahead.get(), plan)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def _dask_task(case: Case, plan: _Plan) -> dict[str, Any]:
+    """A Dask task: one case on a worker (the worker's model is loaded once and kept)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().name
+    except (ImportError, ValueError):
+        worker = None
+    return _process(_read_case(case, plan), plan, worker=str(worker) if worker is not None else None).to_json()
+
+
+def _dask(cases: Sequence[Case], plan: _Plan) -> Iterator[CaseRecord]:
+    """One task per case on a Dask cluster: a LocalCluster of worker processes, or ``plan.options.scheduler``."""
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise WorkflowError("the Dask executor needs dask.distributed: pip install 'medseg[dask]'.") from None
+    opts = plan.options
+    gpu = bool(opts.device and opts.device.startswith("cuda"))
+    resources = {"GPU": 1} if gpu else None
+    stack = contextlib.ExitStack()
+    with stack:
+        if opts.scheduler:
+            try:
+                client = stack.enter_context(Client(opts.scheduler, timeout="20s"))
+            except (OSError, TimeoutError) as exc:
+                raise WorkflowError(f"cannot reach the Dask scheduler at {opts.scheduler} ({exc}); start one with "
+                                    "`dask scheduler` and workers with `dask worker ADDRESS`.") from None
+        else:
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                memory_limit=opts.memory_limit, resources=resources, silence_logs=logging.ERROR))
+            client = stack.enter_context(Client(cluster))
+        futures = {client.submit(_dask_task, case, plan, key=f"medseg-case-{case.case_id}-{time.time_ns()}",
+                                 retries=opts.retries, resources=resources, pure=False): case for case in cases}
+        for future in as_completed(futures):
+            case = futures[future]
+            try:
+                yield CaseRecord.from_json(future.result())
+            except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths
+                lost = WorkflowError(f"case {case.case_id}: lost on the Dask cluster ({type(exc).__name__}: {exc})")
+                record = _failed(case, lost, plan, {}, {}, None)
+                folder = plan.out_dir / case.case_id
+                if folder.is_dir():
+                    atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
+                yield record
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+def load_manifest_or_folder(path: str | Path) -> Manifest:
+    """A manifest file (JSON, CSV, MSD dataset.json), or a folder of studies (:func:`make_manifest`, no sha256).
+
+    Raises
+    ------
+    ManifestError
+        If the manifest cannot be read or the folder holds no image.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return make_manifest(p, checksums=False)
+    return read_manifest(p, check_files=False)
+
+
+def _combine_csv(records: Sequence[CaseRecord], out_dir: Path, name: str, target: str, phi: bool) -> Path | None:
+    """One CSV over the cases' ``name`` files, with ``case_id`` first (PHI columns only with include_phi)."""
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    for rec in records:
+        p = out_dir / rec.case_id / name
+        if rec.state not in ("done", "skipped") or not p.is_file():
+            continue
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            head = next(reader, None)
+            if head is None:
+                continue
+            extra = ["patient_name", "patient_id", "patient_birth_date"] if phi else []
+            if header is None:
+                header = ["case_id", *extra, *head]
+            phi_cells = [str((rec.phi or {}).get(k, "")) for k in extra]
+            rows.extend([rec.case_id, *phi_cells, *row] for row in reader)
+    if header is None:
+        return None
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return atomic_write_text(out_dir / target, buf.getvalue())
+
+
+def run_batch(
+    manifest: Manifest,
+    out_dir: str | Path,
+    /,
+    options: RunOptions | None = None,
+    *,
+    progress: Callable[[RunEvent], None] | None = None,
+) -> RunResult:
+    """Segment every case of a manifest; resumable; failed cases are recorded and the run goes on.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        From :func:`medseg.manifest.read_manifest` (``check_files=False``: each case is checked on its own) or
+        :func:`load_manifest_or_folder`.
+    out_dir : path
+        Results folder (created); see the module docstring for its layout.
+    options : RunOptions, optional
+    progress : callable, optional
+        Called with a :class:`RunEvent` at the start, after every case and at the end.
+
+    Returns
+    -------
+    RunResult
+        ``exit_status`` is 0 when every case is done or skipped, 3 when some failed.
+
+    Raises
+    ------
+    WorkflowError
+        If an option cannot be honoured (DICOM SEG not available, no Dask) or ``out_dir`` cannot be created.
+    MedsegError
+        If the model cannot be found or loaded (nothing is run then).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from medseg.manifest import make_manifest
+    >>> from medseg.phantom import make_phantom, write_phantom_study
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> _ = write_phantom_study(make_phantom(3, shape=(40, 36, 24)), tmp / "studies" / "p3", format="nifti")
+    >>> result = run_batch(make_manifest(tmp / "studies"), tmp / "out", RunOptions(model="ct-basic"))
+    >>> result.exit_status, [r.state for r in result.records], (tmp / "out" / "p3" / "pred.nii.gz").is_file()
+    (0, ['done'], True)
+    >>> run_batch(make_manifest(tmp / "studies"), tmp / "out", RunOptions(model="ct-basic")).records[0].state
+    'skipped'
+    """
+    options = options or RunOptions()
+    if options.scheduler and options.executor != "dask":
+        options = replace(options, executor="dask")
+    options.check_available()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WorkflowError(f"{out}: cannot create the results folder ({exc}).") from None
+    out = out.resolve()
+    t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    card = _segmenter(options).card if options.executor == "local" else _find_card(options)
+    import uuid
+
+    plan = _Plan(out, options, _model_identity(card), versions(), manifest.root, uuid.uuid4().hex)
+    for p in remove_partials(out):
+        logger.info("removed a temporary file a killed run left: %s", p.relative_to(out))
+    cases = manifest.cases
+    total = len(cases)
+    counts = {"done": 0, "failed": 0, "skipped": 0}
+    if progress:
+        progress(RunEvent("start", total))
+    by_id: dict[str, CaseRecord] = {}
+    runner = _dask if options.executor == "dask" else _local
+    for record in runner(cases, plan):
+        by_id[record.case_id] = record
+        counts[record.state] += 1
+        if progress:
+            progress(RunEvent("case", total, counts["done"], counts["failed"], counts["skipped"], record,
+                              time.perf_counter() - t0))
+    records = tuple(by_id[c.case_id] for c in cases)
+    for p in remove_partials(out):
+        logger.info("removed a temporary file a lost worker left: %s", p.relative_to(out))
+    stats_path = (_combine_csv(records, out, "stats.csv", "statistics.csv", options.include_phi)
+                  if options.outputs.stats else None)
+    metrics_path = (_combine_csv(records, out, "metrics.csv", "metrics.csv", options.include_phi)
+                    if options.outputs.metrics else None)
+    report_path = None
+    if options.outputs.report and any(r.state in ("done", "skipped") for r in records):
+        from medseg.report import write_report
+
+        report_path = write_report(out, out / "report.html", modality=None,
+                                   title=f"medseg batch: {card.name} on {total} case(s)").html_path
+    seconds = time.perf_counter() - t0
+    run_record = {
+        "record_version": RECORD_VERSION,
+        "run_id": plan.run_id,
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 3),
+        "versions": plan.versions,
+        "model": plan.model,
+        "options": {**asdict(options), "outputs": asdict(options.outputs)},
+        "device": next((r.device for r in records if r.device), options.device),
+        "counts": {"total": total, **counts},
+        "cases": [{"case_id": r.case_id, "state": r.state, "timings_s": dict(r.timings_s), "error": r.error,
+                   "worker": r.worker, "model_loads": r.model_loads, **({"phi": dict(r.phi)} if r.phi else {})}
+                  for r in records],
+        "outputs": {"statistics_csv": stats_path and stats_path.name, "metrics_csv": metrics_path and metrics_path.name,
+                    "report_html": report_path and report_path.name},
+    }
+    record_path = atomic_write_text(out / RUN_RECORD_NAME, json.dumps(run_record, indent=2, default=str) + "\n")
+    if progress:
+        progress(RunEvent("end", total, counts["done"], counts["failed"], counts["skipped"], None, seconds))
+    return RunResult(out, records, record_path, stats_path, metrics_path, report_path, seconds)
+
+
+def _find_card(options: RunOptions) -> Any:
+    from medseg.models import find_model
+
+    return find_model(options.model, models_dirs=list(options.models_dirs))
+
+
+# ---- workflow recipes -----------------------------------------------------------------------------------------
+_TOP = {"name", "description", "model", "models_dirs", "inputs", "outputs", "inference", "executor", "include_phi"}
+_INPUTS = {"manifest", "folder"}
+_OUTPUTS = {"folder", "labels", "dicom_seg", "seg_type", "stats", "metrics", "report", "image"}
+_INFERENCE = {"device", "fast", "tta", "overlap", "amp", "torch_threads"}
+_EXECUTOR = {"kind", "workers", "scheduler", "prefetch", "retries", "memory_limit"}
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A parsed workflow recipe: which cases, where the results go, and how to run them."""
+
+    name: str
+    inputs: Path
+    out_dir: Path
+    options: RunOptions
+    description: str = ""
+    source: Path | None = None
+
+
+def _set(data: dict[str, Any], assignment: str, source: str) -> None:
+    import yaml
+
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise WorkflowError(f"{source}: --set needs key=value (e.g. outputs.folder=/tmp/run), got {assignment!r}.")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise WorkflowError(f"{source}: --set {key}: '{part}' is not a section of the recipe.")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise WorkflowError(f"{source}: --set {key}: cannot read {value!r} ({exc}).") from None
+
+
+def parse_workflow(data: Any, *, source: str | Path = "workflow", base_dir: Path | None = None,
+                   overrides: Sequence[str] = ()) -> Workflow:
+    """Validate a workflow recipe's parsed YAML (plus ``key=value`` overrides) and build a :class:`Workflow`.
+
+    Raises
+    ------
+    WorkflowError
+        If a field is missing, unknown, of the wrong type or out of range (the message names it).
+    """
+    import copy
+
+    src = str(source)
+    r = SchemaReader(src, WorkflowError)
+    top_in = dict(r.mapping(data, "(top level)", _TOP))
+    top = copy.deepcopy(top_in)
+    for assignment in overrides:
+        _set(top, assignment, src)
+    top = dict(r.mapping(top, "(top level)", _TOP))
+    base = base_dir or Path.cwd()
+    model = r.string(top, "model", "")
+    inputs = r.mapping(top.get("inputs"), "inputs", _INPUTS)
+    if len(inputs) != 1:
+        raise r.problem("field 'inputs' needs exactly one of 'manifest' (a JSON/CSV manifest) or 'folder' (a folder "
+                        f"of studies), got {sorted(inputs) or 'nothing'}.")
+    key = next(iter(inputs))
+    inp = Path(r.string(inputs, key, "inputs."))
+    inp = inp if inp.is_absolute() else base / inp
+    o = r.mapping(top.get("outputs"), "outputs", _OUTPUTS)
+    out_dir = Path(r.string(o, "folder", "outputs.", f"runs/{top.get('name', 'batch')}"))
+    out_dir = out_dir if out_dir.is_absolute() else base / out_dir
+    outputs = OutputOptions(
+        labels=r.boolean(o, "labels", "outputs.", True),
+        dicom_seg=r.boolean(o, "dicom_seg", "outputs.", False),
+        seg_type=r.choice(o, "seg_type", "outputs.", "binary", ("binary", "labelmap")),  # type: ignore[arg-type]
+        stats=r.boolean(o, "stats", "outputs.", True),
+        metrics=r.boolean(o, "metrics", "outputs.", True),
+        report=r.boolean(o, "report", "outputs.", True),
+        image=r.boolean(o, "image", "outputs.", False),
+    )
+    inf = r.mapping(top.get("inference"), "inference", _INFERENCE)
+    device = inf.get("device")
+    if device is not None and not isinstance(device, str):
+        raise r.fail("inference.device", "cpu, cuda, cuda:N, mps or null (best available)", device)
+    amp = inf.get("amp")
+    if amp is not None and not isinstance(amp, bool):
+        raise r.fail("inference.amp", "true, false or null", amp)
+    ex = r.mapping(top.get("executor"), "executor", _EXECUTOR)
+    scheduler = ex.get("scheduler")
+    if scheduler is not None and not isinstance(scheduler, str):
+        raise r.fail("executor.scheduler", "a scheduler address like tcp://host:8786", scheduler)
+    dirs = top.get("models_dirs") or []
+    if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+        raise r.fail("models_dirs", "a list of folders", dirs)
+    model_path = Path(model)
+    if model_path.suffix.lower() in (".yaml", ".yml") or len(model_path.parts) > 1:
+        model = str(model_path if model_path.is_absolute() else base / model_path)
+    options = RunOptions(
+        model=model,
+        models_dirs=tuple(str(Path(d) if Path(d).is_absolute() else base / d) for d in dirs),
+        device=None if device in (None, "auto") else device,
+        fast=r.boolean(inf, "fast", "inference.", False),
+        tta=r.boolean(inf, "tta", "inference.", False),
+        overlap=r.optional_number(inf, "overlap", "inference.", None, lo=0.0, hi=0.95),
+        amp=amp,
+        torch_threads=r.optional_integer(inf, "torch_threads", "inference.", None, lo=1),
+        outputs=outputs,
+        executor=r.choice(ex, "kind", "executor.", "local", ("local", "dask")),  # type: ignore[arg-type]
+        workers=r.integer(ex, "workers", "executor.", 2, lo=1),
+        scheduler=scheduler,
+        prefetch=r.boolean(ex, "prefetch", "executor.", True),
+        retries=r.integer(ex, "retries", "executor.", 2, lo=0),
+        memory_limit=r.string(ex, "memory_limit", "executor.", "4GiB"),
+        include_phi=r.boolean(top, "include_phi", "", False),
+    )
+    return Workflow(name=r.string(top, "name", "", "batch"), inputs=inp, out_dir=out_dir, options=options,
+                    description=str(top.get("description", "") or ""),
+                    source=Path(source) if isinstance(source, Path) else None)
+
+
+def is_training_recipe(data: Any) -> bool:
+    """True for a training recipe (``medseg train``'s: it has ``data`` and ``model`` sections, no ``inputs``)."""
+    return isinstance(data, Mapping) and "data" in data and "inputs" not in data
+
+
+def load_workflow(path: str | Path, *, overrides: Sequence[str] = ()) -> Workflow:
+    """Read and validate a YAML workflow recipe; relative paths resolve against the recipe's folder.
+
+    Raises
+    ------
+    WorkflowError
+        If the file is missing, not YAML, or not a valid workflow recipe.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WorkflowError(f"{p}: no such workflow recipe. Recipes live in workflows/ (e.g. "
+                            "workflows/ct-organs-phantoms.yaml).")
+    data = read_yaml(p, WorkflowError, what="workflow recipe")
+    return parse_workflow(data, source=p, base_dir=p.parent.resolve(), overrides=overrides)
+
+
+def run_workflow(workflow: Workflow, *, progress: Callable[[RunEvent], None] | None = None) -> RunResult:
+    """Run a parsed workflow recipe (:func:`run_batch` on its inputs).
+
+    Raises
+    ------
+    ManifestError, WorkflowError, MedsegError
+        As :func:`load_manifest_or_folder` and :func:`run_batch`.
+    """
+    manifest = load_manifest_or_folder(workflow.inputs)
+    return run_batch(manifest, workflow.out_dir, workflow.options, progress=progress)
