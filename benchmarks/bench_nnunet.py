@@ -151,7 +151,8 @@ def main() -> None:
         folder = write_fake_nnunet_folder(base / "results", labels=labels, mirroring_axes=None,
                                           transpose_forward=(0, 1, 2), patch_size=(64, 64, 64),
                                           spacing=(3.0, 3.0, 3.0), features=(8, 16, 32, 64))
-        rows = []
+        print(f"{'size':<6} {'input':<14} {'side':<7} {'ok':<3} {'wall s':>7} {'segment s':>9} "
+              f"{'peak RSS GiB':>12}  agreement / error", flush=True)
         for size in args.sizes:
             shape = SIZES[size]
             work = base / size
@@ -167,17 +168,17 @@ def main() -> None:
                 a = np.load(work / "medseg.npy")
                 b = np.asanyarray(nib.load(str(work / "nnunet" / "case.nii.gz")).dataobj)
                 agree = float((a == b).mean())
-            rows.append((size, shape, ours, theirs, agree))
-    print(f"{'size':<6} {'input':<14} {'side':<7} {'ok':<3} {'wall s':>7} {'segment s':>9} {'peak RSS GiB':>12}  "
-          "agreement / error")
-    for size, shape, ours, theirs, agree in rows:
-        for name, r in (("medseg", ours), ("nnU-Net", theirs)):
-            extra = f"{agree:.6f}" if r["ok"] else r.get("error", "")
-            print(f"{size:<6} {'x'.join(map(str, shape)):<14} {name:<7} {'yes' if r['ok'] else 'no':<3} "
-                  f"{r['wall_s']:7.1f} {r.get('segment_s', float('nan')):9.1f} {r['peak_rss_gb']:12.2f}  {extra}")
-        if ours["ok"] and theirs["ok"]:
-            print(f"{'':<6} ratios medseg / nnU-Net: wall {ours['wall_s'] / theirs['wall_s']:.2f}, peak RSS "
-                  f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}")
+            _print_rows(size, shape, ours, theirs, agree)
+
+
+def _print_rows(size: str, shape: tuple[int, int, int], ours: dict, theirs: dict, agree: float) -> None:
+    for name, r in (("medseg", ours), ("nnU-Net", theirs)):
+        extra = f"{agree:.6f}" if r["ok"] else r.get("error", "")
+        print(f"{size:<6} {'x'.join(map(str, shape)):<14} {name:<7} {'yes' if r['ok'] else 'no':<3} "
+              f"{r['wall_s']:7.1f} {r.get('segment_s', float('nan')):9.1f} {r['peak_rss_gb']:12.2f}  {extra}")
+    if ours["ok"] and theirs["ok"]:
+        print(f"{'':<6} ratios medseg / nnU-Net: wall {ours['wall_s'] / theirs['wall_s']:.2f}, peak RSS "
+              f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

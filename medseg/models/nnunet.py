@@ -208,7 +208,7 @@ def load_nnunet_card(
     WeightsError
         If a requested fold has no checkpoint.
     """
-    from medseg.models.cards import ModelCard, NetworkSpec, WeightsSpec, WindowSpec
+    from medseg.models.cards import ModelCard, NetworkSpec, PreprocessingSpec, WeightsSpec, WindowSpec
 
     given = Path(path)
     root, path_folds, path_ckpt = _split_path(given)
@@ -277,6 +277,7 @@ def load_nnunet_card(
         input_channels=len(channel_names),
         channel_names=channel_names,
         labels=labels,
+        preprocessing=PreprocessingSpec(orientation="RAS" if _READERS[reader] else None),  # nnU-Net does the rest
         inference=WindowSpec(patch_size=tuple(patch) if len(patch) == 3 else (0, 0, 0), overlap=0.5,  # type: ignore[arg-type]
                              blending="gaussian"),
         weights=weights[0],

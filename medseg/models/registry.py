@@ -203,7 +203,7 @@ def describe_model(card: ModelCard) -> dict[str, Any]:
     """
     from medseg.models.weights import sha256_file
 
-    info: dict[str, Any] = {} if card.kind == "bundle" else card.summary()
+    info: dict[str, Any] = {} if card.kind in ("bundle", "nnunet") else card.summary()
     info.update({
         "name": card.name,
         "kind": card.kind,
@@ -244,6 +244,7 @@ def describe_model(card: ModelCard) -> dict[str, Any]:
             f"folds {nn.get('folds')} ({nn.get('checkpoint')}) averaged; the network built from plans.json. Not run: "
             f"the trainer class {nn.get('trainer')!r} (its code is never imported), nnU-Net's file writers."
         )
+        info["nnunet"] = dict(nn)
         info["ensemble"] = [{"file": str(w.path), "sha256": sha256_file(w.path) if w.path.is_file() else None,
                              "sha256 (SHA256SUMS)": w.sha256} for w in card.ensemble]
     if weights is not None:
