@@ -967,7 +967,8 @@ def _frame_masks(dec: _Decoded, f: int) -> list[tuple[int, np.ndarray]]:
 
 def _place(dec: _Decoded, affine: np.ndarray, shape: tuple[int, int, int], *, split: bool, where: str
            ) -> tuple[np.ndarray, dict[int, int]] | None:
-    """Paste every frame onto a grid; (array, voxels per segment), or None when a frame does not sit on it."""
+    """Paste every frame onto a grid; (array, voxels per segment when ``split``), or None when a frame does not sit
+    on it."""
     n_seg = len(dec.numbers)
     channel = {n: c for c, n in enumerate(dec.numbers)}
     if split:
@@ -1038,11 +1039,8 @@ def _place(dec: _Decoded, affine: np.ndarray, shape: tuple[int, int, int], *, sp
         )
     if dropped:
         log.warning("%s: %d segmented voxel(s) lie outside the target grid and were left out", where, dropped)
-    if split:
-        counts = {n: int(out[..., channel[n]].sum()) for n in dec.numbers}
-    else:
-        hist = _histogram(out, max(dec.values.values()) + 1)
-        counts = {n: int(hist[dec.values[n]]) for n in dec.numbers}
+    # Voxel counts are only wanted by read_seg_info (which reads split); a label map's would cost a full pass.
+    counts = {n: int(np.count_nonzero(out[..., channel[n]])) for n in dec.numbers} if split else {}
     return out, counts
 
 
