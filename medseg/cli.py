@@ -75,6 +75,21 @@ _SkipOpt = Annotated[bool, typer.Option("--skip-unreadable", help=(
     "Leave damaged files of a DICOM folder out (each named in a warning and recorded) instead of stopping."))]
 
 
+class _OnceFilter(logging.Filter):
+    """Let each distinct log message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="DICOM folder or file, NIfTI, NRRD or MHA.")],
@@ -96,6 +111,8 @@ def info(
         _seg_info(path, as_json)
         return
     loaded, volumes, dicom = None, None, path.is_dir()
+    once = _OnceFilter()  # the folder is read up to three times below: warn about each skipped file once
+    logging.getLogger("medseg.io.dicom").addFilter(once)
     try:
         contents = scan_folder(path, skip_unreadable=skip_unreadable) if path.is_dir() else None
         try:
@@ -114,6 +131,8 @@ def info(
     except MedsegError as exc:
         fail(exc)
         return
+    finally:
+        logging.getLogger("medseg.io.dicom").removeFilter(once)
     data: dict[str, Any] = {"path": str(path)}
     if loaded is not None:
         data.update(_geometry(loaded))
