@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 
 from medseg.display import METADATA_KEY, ras_to_world
 from medseg.errors import MedsegError
+from medseg.files import atomic_write_text
 from medseg.review import REVIEW_STATUSES, EditRecord, LabelTally, new_edit, review_record
 
 __all__ = ["CHANGES_LAYER", "COLUMNS", "PREVIEW_LAYER", "ReviewWidget"]
@@ -730,16 +731,12 @@ class ReviewWidget(QWidget):
                 raise
             except MedsegError as exc:  # e.g. blank source UIDs or a label without a coded concept: say so
                 seg_note = str(exc)
-        stats_path = out / "statistics.csv"
-        stats_path.write_text(volume_stats(seg, image).to_csv())
+        stats_path = atomic_write_text(out / "statistics.csv", volume_stats(seg, image).to_csv())
         files["statistics"] = str(stats_path)
         record = review_record(self.tally, table=self.table, statuses=self.statuses, edits=self.edits,
                                reviewer=reviewer, started=self.started, model=model, files=files)
         record["dicom_seg_note"] = seg_note
-        record_path = out / "review.json"
-        tmp = record_path.with_name(record_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, record_path)
+        record_path = atomic_write_text(out / "review.json", json.dumps(record, indent=2) + "\n")
         files["review_record"] = str(record_path)
         note = f" DICOM SEG not written: {seg_note}" if seg_note else ""
         self.export_status.setText(f"Exported to {out} (read back and checked).{note}")
