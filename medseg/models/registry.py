@@ -1,9 +1,11 @@
 """Where models come from: cards shipped in the package, user folders, and MONAI bundles.
 
 Search order for a model *name*: each ``models_dirs`` folder in the order given, then the shipped cards in
-``medseg/models/shipped/``. A model *path* may be a card (``.yaml``/``.yml``) or a MONAI bundle folder in the
+``medseg/models/shipped/``. A model *path* may be a card (``.yaml``/``.yml``), a MONAI bundle folder in the
 Model Zoo layout (``configs/metadata.json``, ``configs/inference.json|yaml|yml``, the weights its checkpoint loader
-names; see :mod:`medseg.models.bundle`).
+names; see :mod:`medseg.models.bundle`), or an nnU-Net v2 result folder (:mod:`medseg.models.nnunet`; also one
+``fold_N`` folder or checkpoint in it). A ``models_dirs`` folder may hold nnU-Net result folders directly or in
+``DatasetXXX_Name/`` folders, as nnU-Net's ``nnUNet_results`` does.
 
 Shipped weights sit next to their card in ``medseg/models/shipped/`` (the card's ``weights.file`` is relative to
 the card), so a card and its weights travel together.
@@ -27,6 +29,7 @@ from medseg.models.cards import (
     ModelCard,
     load_card,
 )
+from medseg.models.nnunet import is_nnunet_path, load_nnunet_card
 from medseg.schema import did_you_mean
 
 __all__ = ["ModelListing", "describe_model", "find_model", "is_bundle", "list_models", "load_bundle", "shipped_dir"]
@@ -57,15 +60,19 @@ class ModelListing:
 
 
 def _entries(folder: Path) -> Iterable[Path]:
-    if is_bundle(folder):
+    if is_bundle(folder) or is_nnunet_path(folder):
         yield folder
         return
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in CARD_SUFFIXES or p.is_dir() and is_bundle(p):
+        if p.is_file() and p.suffix.lower() in CARD_SUFFIXES or p.is_dir() and (is_bundle(p) or is_nnunet_path(p)):
             yield p
+        elif p.is_dir() and p.name.startswith("Dataset"):  # nnUNet_results/DatasetXXX_Name/Trainer__Plans__Config
+            yield from (q for q in sorted(p.iterdir()) if q.is_dir() and is_nnunet_path(q))
 
 
 def _load_entry(path: Path, origin: str, trust_code: bool) -> ModelCard:
+    if path.is_dir() and is_nnunet_path(path):
+        return load_nnunet_card(path)
     if path.is_dir():
         return load_bundle(path, trust_code=trust_code)
     return load_card(path).with_origin(origin)  # type: ignore[arg-type]
@@ -127,13 +134,15 @@ def find_model(
     p = Path(name_or_path)
     looks_like_path = p.suffix.lower() in CARD_SUFFIXES or p.is_dir() or p.is_file() or len(p.parts) > 1
     if looks_like_path:
+        if is_nnunet_path(p):
+            return load_nnunet_card(p)
         if p.is_dir():
             if is_bundle(p):
                 return load_bundle(p, trust_code=trust_code)
             raise ModelNotFoundError(
                 f"{p}: a folder was given as the model, but it is not a MONAI bundle (no configs/metadata.json and "
-                "configs/inference.json|yaml|yml). To use a folder of model cards, pass it as --models-dir and the model by "
-                "name."
+                "configs/inference.json|yaml|yml) and not an nnU-Net result folder (no plans.json and dataset.json). "
+                "To use a folder of model cards, pass it as --models-dir and the model by name."
             )
         if p.is_file():
             if p.suffix.lower() in CARD_SUFFIXES:
@@ -194,7 +203,7 @@ def describe_model(card: ModelCard) -> dict[str, Any]:
     """
     from medseg.models.weights import sha256_file
 
-    info: dict[str, Any] = {} if card.kind == "bundle" else card.summary()
+    info: dict[str, Any] = {} if card.kind in ("bundle", "nnunet") else card.summary()
     info.update({
         "name": card.name,
         "kind": card.kind,
@@ -221,6 +230,23 @@ def describe_model(card: ModelCard) -> dict[str, Any]:
         info["labels_from"] = spec.label_source
         info["medseg_runs"] = spec.will_run()
         info["md5 (large_files.yml)"] = dict(spec.md5) or None
+    if card.kind == "nnunet":
+        from importlib.metadata import PackageNotFoundError, version
+
+        nn = card.provenance.get("nnunet", {})
+        try:
+            info["versions"]["nnunetv2 (installed)"] = version("nnunetv2")
+        except PackageNotFoundError:
+            info["versions"]["nnunetv2 (installed)"] = None
+        info["medseg_runs"] = (
+            f"nnU-Net's own predictor in-process on the {nn.get('configuration')} configuration: its preprocessing "
+            f"(reader order {nn.get('image_reader_writer')}), sliding window and mirroring as the checkpoint allows, "
+            f"folds {nn.get('folds')} ({nn.get('checkpoint')}) averaged; the network built from plans.json. Not run: "
+            f"the trainer class {nn.get('trainer')!r} (its code is never imported), nnU-Net's file writers."
+        )
+        info["nnunet"] = dict(nn)
+        info["ensemble"] = [{"file": str(w.path), "sha256": sha256_file(w.path) if w.path.is_file() else None,
+                             "sha256 (SHA256SUMS)": w.sha256} for w in card.ensemble]
     if weights is not None:
         info["weights"] = {"file": str(weights), "exists": weights.is_file(),
                            "sha256": sha256_file(weights) if weights.is_file() else None,
