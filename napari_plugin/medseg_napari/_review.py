@@ -91,6 +91,10 @@ class ReviewWidget(QWidget):
         self._lesion_timer.setInterval(250)
         self._lesion_timer.timeout.connect(self._update_lesion_counts)
         self._lesion_counts: dict[int, int] = {}
+        self._choice_timer = QTimer(self)
+        self._choice_timer.setSingleShot(True)
+        self._choice_timer.setInterval(0)
+        self._choice_timer.timeout.connect(self._refresh_choices)
 
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -197,7 +201,7 @@ class ReviewWidget(QWidget):
         self.discard_button.clicked.connect(self.discard_pending)
         self.export_button.clicked.connect(self._export_clicked)
         for emitter in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            emitter.connect(lambda _e=None: self._refresh_choices())
+            emitter.connect(lambda _e=None: self._refresh_choices(defer=True))
         self._refresh_choices()
 
     @staticmethod
@@ -218,7 +222,12 @@ class ReviewWidget(QWidget):
             show_error(str(exc))
 
     # ---- layer choice ----------------------------------------------------------------------------------------
-    def _refresh_choices(self) -> None:
+    def _refresh_choices(self, *, defer: bool = False) -> None:
+        """Refill the layer pickers; from a layer-list event, ``defer`` to the next event-loop turn (the list must
+        not change inside its own event, and a plain Labels layer may be swapped for a ReviewLabels one)."""
+        if defer:
+            self._choice_timer.start()  # a child of this widget: it never fires after the widget is gone
+            return
         labels = [layer.name for layer in _labels_layers(self.viewer)]
         images = [layer.name for layer in self.viewer.layers
                   if layer.__class__.__name__ == "Image" and METADATA_KEY in layer.metadata]
