@@ -23,6 +23,7 @@ __all__ = [
     "LabelTableError",
     "ManifestError",
     "MedsegError",
+    "MissingDependencyError",
     "MissingSlicesError",
     "ModalityMismatchError",
     "ModelCardError",
@@ -222,3 +223,7 @@ class WorkflowError(MedsegError, ValueError):
 
 class OptionError(MedsegError, ValueError):
     """An option given to a medseg function (or a CLI flag) is out of range or of the wrong kind."""
+
+
+class MissingDependencyError(MedsegError, ImportError):
+    """An optional dependency that a model kind needs (e.g. nnunetv2 for nnU-Net folders) is not installed."""

@@ -9,7 +9,8 @@ the compute device chosen cuda > mps > cpu unless given, stitching on the comput
 out-of-memory while stitching on the GPU retries on the host with a logged warning), optional mixed precision
 (fp16 on CUDA/MPS, bf16 on CPU), optional mirroring test-time augmentation, and optional skipping of windows that
 hold nothing but the intensity floor (air in a clipped CT window: the network's answer there is computed once).
-Classical cards run a weight-free function of :mod:`medseg.classical` through the same interface.
+Classical cards run a weight-free function of :mod:`medseg.classical` through the same interface, and nnU-Net
+result folders run nnU-Net's own predictor in-process (:mod:`medseg.models.nnunet`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from medseg.errors import (
+    ChannelCountError,
     DeviceError,
     ModalityMismatchError,
     ModelCardError,
@@ -69,8 +71,10 @@ class InferenceOptions:
         Windows per network call.
     amp : bool or None
         Mixed precision: fp16 on CUDA/MPS, bf16 on CPU. None: on for CUDA, off elsewhere.
-    tta : bool
-        Mirroring test-time augmentation: average the network's logits over all 8 flips of the three axes.
+    tta : bool or None
+        Mirroring test-time augmentation: average the network's logits over all 8 flips of the three axes. None:
+        the model's default, off for cards and bundles; nnU-Net result folders mirror over the axes their
+        checkpoint allows, as ``nnUNetv2_predict`` does (``tta=False`` turns it off).
     skip_empty : bool
         Windows whose every voxel sits at the normalisation's clip floor (air in a clipped CT window) are not
         run through the network; they get the network's output for such a window, computed once.
@@ -100,7 +104,7 @@ class InferenceOptions:
     blending: Literal["gaussian", "constant"] | None = None
     sw_batch_size: int | None = None
     amp: bool | None = None
-    tta: bool = False
+    tta: bool | None = None
     skip_empty: bool = False
     postprocess: bool = True
     inversion: Literal["trilinear", "nearest"] = "trilinear"
@@ -237,7 +241,8 @@ class Segmenter:
     Parameters
     ----------
     model : str, Path or ModelCard
-        A model name from the registry, a card file, a MONAI bundle folder, or a card object.
+        A model name from the registry, a card file, a MONAI bundle folder, an nnU-Net v2 result folder (or one of
+        its ``fold_N`` folders or checkpoints), or a card object.
     models_dirs : sequence of path
         User folders of cards and bundles searched before the shipped cards.
     options : InferenceOptions, optional
@@ -279,6 +284,7 @@ class Segmenter:
         self.card: ModelCard = model if isinstance(model, ModelCard) else find_model(
             model, models_dirs=models_dirs, trust_code=trust_bundle_code)
         self._function: Callable[[Volume], Volume] | None = None
+        self._nnunet: Any = None
         self._net: Any = None
         self._air: dict[tuple[int, ...], Any] = {}
         if self.card.kind == "classical":
@@ -294,6 +300,13 @@ class Segmenter:
             from medseg.models.bundle import build_bundle
 
             self._bundle = build_bundle(self.card.bundle, device=dev)
+        if self.card.kind == "nnunet":
+            from medseg.models.nnunet import NnunetRunner
+
+            overlap = self.options.overlap
+            self._nnunet = NnunetRunner(self.card, device=dev, mirroring=self.options.tta,
+                                        tile_step_size=0.5 if overlap is None else 1.0 - overlap)
+            return
         self._net = network if network is not None else self._load_network()
         if hasattr(self._net, "to") and network is None:
             self._net = self._net.to(dev)
@@ -413,6 +426,9 @@ class Segmenter:
                 logger.warning("probabilities are not returned for MONAI bundles (%s): their postprocessing "
                                "decides the output", self.card.name)
             return self._segment_bundle(volume, t0, progress, cancel)
+        if self._nnunet is not None:
+            _check_cancel(cancel, self.card.name)
+            return self._segment_nnunet(volume, t0, probabilities)
         return self._segment_network(volume, t0, probabilities, progress, cancel)
 
     def combine_channels(self, scans: Sequence[Volume | str | Path]) -> Volume:
@@ -505,6 +521,29 @@ class Segmenter:
                     t3 - t0)
         stats["exact_inversion"] = int(plan.exact)
         return Segmentation(labels, None, card.name, card, self.device, timings, stats)
+
+    def _segment_nnunet(self, volume: Volume, t0: float, probabilities: bool) -> Segmentation:
+        from medseg.postprocess import postprocess_labels
+
+        card = self.card
+        channels = 1 if volume.array.ndim == 3 else volume.array.shape[3]
+        if channels != card.input_channels:
+            raise ChannelCountError(
+                f"nnU-Net folder {card.source} takes {card.input_channels} channel(s) "
+                f"({', '.join(card.channel_names)}) but the volume has {channels}."
+            )
+        arr, probs = self._nnunet.segment(volume, probabilities=probabilities)
+        t1 = time.perf_counter()
+        labels = Volume(arr, volume.affine, modality="SEG", labels=card.labels, source=volume.source)
+        if self.options.postprocess:
+            labels = postprocess_labels(labels, card.postprocessing)
+        t2 = time.perf_counter()
+        prob_volume = None if probs is None else Volume(probs, volume.affine, modality=None)
+        logger.info("segmented with nnU-Net folder %s (%d fold(s)) on %s in %.1f s", card.name, self._nnunet.folds,
+                    self.device, t2 - t0)
+        return Segmentation(labels, prob_volume, card.name, card, self.device,
+                            {"nnunet": t1 - t0, "postprocess": t2 - t1, "total": t2 - t0},
+                            {"folds": self._nnunet.folds})
 
     def _segment_classical(self, volume: Volume, t0: float) -> Segmentation:
         from medseg.postprocess import postprocess_labels

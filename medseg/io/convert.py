@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from medseg.errors import GeometryError
 from medseg.geometry import (
     LPS_TO_RAS,
     lps_affine,
@@ -29,7 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "LPS_TO_RAS",
+    "itk_array",
     "lps_affine",
+    "volume_from_itk_array",
     "volume_from_metatensor",
     "volume_from_nibabel",
     "volume_from_sitk",
@@ -42,6 +47,42 @@ __all__ = [
 def volume_to_sitk(volume: Volume) -> sitk.Image:
     """SimpleITK image on the same world grid (channels become vector components)."""
     return sitk_image(volume.array, volume.affine)
+
+
+def itk_array(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The voxels in SimpleITK's array order and the spacing in that order, as ``sitk.GetArrayFromImage`` and
+    ``GetSpacing()[::-1]`` give them for :func:`volume_to_sitk` of the volume (what nnU-Net's readers hand its
+    network).
+
+    Returns
+    -------
+    array : ndarray, shape (K, J, I) or (C, K, J, I)
+        A transposed view (no copy) of ``volume.array``; channels first for a 4D volume.
+    spacing_mm : tuple of float
+        (k, j, i) spacing in mm.
+    """
+    arr = volume.array
+    view = arr.transpose(3, 2, 1, 0) if arr.ndim == 4 else arr.transpose(2, 1, 0)
+    i, j, k = volume.spacing_mm
+    return view, (k, j, i)
+
+
+def volume_from_itk_array(
+    array: np.ndarray, like: Volume, *, modality: str | None = None, labels: LabelTable | None = None
+) -> Volume:
+    """A volume on ``like``'s grid from an array in SimpleITK order (K, J, I), the inverse of :func:`itk_array`.
+
+    Raises
+    ------
+    GeometryError
+        If the array's shape is not ``like``'s shape reversed.
+    """
+    if array.ndim != 3 or tuple(array.shape) != tuple(like.shape[::-1]):
+        raise GeometryError(
+            f"Expected an array of shape {tuple(like.shape[::-1])} (SimpleITK order of the grid "
+            f"{like.describe_grid()}), got {tuple(array.shape)}."
+        )
+    return Volume(array.transpose(2, 1, 0), like.affine, modality=modality, labels=labels, source=like.source)
 
 
 def volume_from_sitk(image: sitk.Image, *, modality: str | None = None, labels: LabelTable | None = None) -> Volume:

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 CARD_SUFFIXES = (".yaml", ".yml")
 
-ModelKind = Literal["network", "classical", "bundle"]
+ModelKind = Literal["network", "classical", "bundle", "nnunet"]
 IntensityKind = Literal["ct_window", "zscore", "percentile", "none"]
 Activation = Literal["softmax", "sigmoid"]
 Blending = Literal["gaussian", "constant"]
@@ -152,6 +152,9 @@ class ModelCard:
     ``output`` fixes how channels map to labels: ``softmax`` → channel 0 is background and channel c (c ≥ 1) is
     the c-th label in value order; ``sigmoid`` → channel c is the (c+1)-th label, a voxel gets the most
     probable label whose probability exceeds 0.5.
+
+    ``ensemble`` lists every weight file of a model whose logits are averaged (the folds of an nnU-Net result
+    folder, ``weights`` being the first); it is empty for a single network.
     """
 
     name: str
@@ -170,6 +173,7 @@ class ModelCard:
     inference: WindowSpec = field(default_factory=WindowSpec)
     postprocessing: PostprocessSpec = field(default_factory=PostprocessSpec)
     weights: WeightsSpec | None = None
+    ensemble: tuple[WeightsSpec, ...] = ()
     provenance: Mapping[str, Any] = field(default_factory=dict)
     source: Path | None = None
     origin: Literal["shipped", "user", "bundle", "memory"] = "memory"
@@ -220,6 +224,7 @@ class ModelCard:
                                "min_component_ml_by_label": dict(self.postprocessing.min_component_ml_by_label),
                                "lesion_hosts": {k: list(v) for k, v in self.postprocessing.lesion_hosts.items()}},
             "weights": None if self.weights is None else {"file": str(self.weights.path), "sha256": self.weights.sha256},
+            "ensemble": [{"file": str(w.path), "sha256": w.sha256} for w in self.ensemble],
             "provenance": dict(self.provenance),
         } | (self._bundle_summary() if self.kind == "bundle" and self.bundle is not None else {})
 

@@ -1,9 +1,12 @@
 """Where models come from: cards shipped in the package, user folders, and MONAI bundles.
 
 Search order for a model *name*: each ``models_dirs`` folder in the order given, then the shipped cards in
-``medseg/models/shipped/``. A model *path* may be a card (``.yaml``/``.yml``) or a MONAI bundle folder in the
-Model Zoo layout (``configs/metadata.json``, ``configs/inference.json|yaml|yml``, the weights its checkpoint loader
-names; see :mod:`medseg.models.bundle`).
+``medseg/models/shipped/``. A model *path* may be a card (``.yaml``/``.yml``), a MONAI bundle folder in the
+Model Zoo layout (``configs/metadata.json``, ``configs/inference.json|yaml|yml``, the weights its checkpoint loader names; see
+:mod:`medseg.models.bundle`), or
+an nnU-Net v2 result folder (:mod:`medseg.models.nnunet`; also one ``fold_N`` folder or checkpoint in it). A
+``models_dirs`` folder may hold nnU-Net result folders directly or in ``DatasetXXX_Name/`` folders, as nnU-Net's
+``nnUNet_results`` does.
 
 Shipped weights sit next to their card in ``medseg/models/shipped/`` (the card's ``weights.file`` is relative to
 the card), so a card and its weights travel together.
@@ -27,6 +30,7 @@ from medseg.models.cards import (
     ModelCard,
     load_card,
 )
+from medseg.models.nnunet import is_nnunet_path, load_nnunet_card
 from medseg.schema import did_you_mean
 
 __all__ = ["ModelListing", "describe_model", "find_model", "is_bundle", "list_models", "load_bundle", "shipped_dir"]
@@ -57,15 +61,19 @@ class ModelListing:
 
 
 def _entries(folder: Path) -> Iterable[Path]:
-    if is_bundle(folder):
+    if is_bundle(folder) or is_nnunet_path(folder):
         yield folder
         return
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in CARD_SUFFIXES or p.is_dir() and is_bundle(p):
+        if p.is_file() and p.suffix.lower() in CARD_SUFFIXES or p.is_dir() and (is_bundle(p) or is_nnunet_path(p)):
             yield p
+        elif p.is_dir() and p.name.startswith("Dataset"):  # nnUNet_results/DatasetXXX_Name/Trainer__Plans__Config
+            yield from (q for q in sorted(p.iterdir()) if q.is_dir() and is_nnunet_path(q))
 
 
 def _load_entry(path: Path, origin: str, trust_code: bool) -> ModelCard:
+    if path.is_dir() and is_nnunet_path(path):
+        return load_nnunet_card(path)
     if path.is_dir():
         return load_bundle(path, trust_code=trust_code)
     return load_card(path).with_origin(origin)  # type: ignore[arg-type]
@@ -127,13 +135,15 @@ def find_model(
     p = Path(name_or_path)
     looks_like_path = p.suffix.lower() in CARD_SUFFIXES or p.is_dir() or p.is_file() or len(p.parts) > 1
     if looks_like_path:
+        if is_nnunet_path(p):
+            return load_nnunet_card(p)
         if p.is_dir():
             if is_bundle(p):
                 return load_bundle(p, trust_code=trust_code)
             raise ModelNotFoundError(
                 f"{p}: a folder was given as the model, but it is not a MONAI bundle (no configs/metadata.json and "
-                "configs/inference.json|yaml|yml). To use a folder of model cards, pass it as --models-dir and the model by "
-                "name."
+                "configs/inference.json|yaml|yml) and not an nnU-Net result folder (no plans.json and dataset.json). To use a "
+                "folder of model cards, pass it as --models-dir and the model by name."
             )
         if p.is_file():
             if p.suffix.lower() in CARD_SUFFIXES:
