@@ -296,10 +296,6 @@ class Segmenter:
         self._device = dev
         self._bundle: Any = None
         self.weights_sha256: str | None = None
-        if self.card.kind == "bundle":
-            from medseg.models.bundle import build_bundle
-
-            self._bundle = build_bundle(self.card.bundle, device=dev)
         if self.card.kind == "nnunet":
             from medseg.models.nnunet import NnunetRunner
 
@@ -307,6 +303,10 @@ class Segmenter:
             self._nnunet = NnunetRunner(self.card, device=dev, mirroring=self.options.tta,
                                         tile_step_size=0.5 if overlap is None else 1.0 - overlap)
             return
+        if self.card.kind == "bundle":
+            from medseg.models.bundle import build_bundle
+
+            self._bundle = build_bundle(self.card.bundle, device=dev)
         self._net = network if network is not None else self._load_network()
         if hasattr(self._net, "to") and network is None:
             self._net = self._net.to(dev)
@@ -426,9 +426,14 @@ class Segmenter:
                 logger.warning("probabilities are not returned for MONAI bundles (%s): their postprocessing "
                                "decides the output", self.card.name)
             return self._segment_bundle(volume, t0, progress, cancel)
-        if self._nnunet is not None:
+        if self._nnunet is not None:  # nnU-Net's predictor runs in one call: progress (0, 1) then (1, 1)
             _check_cancel(cancel, self.card.name)
-            return self._segment_nnunet(volume, t0, probabilities)
+            if progress is not None:
+                progress(0, 1)
+            result = self._segment_nnunet(volume, t0, probabilities)
+            if progress is not None:
+                progress(1, 1)
+            return result
         return self._segment_network(volume, t0, probabilities, progress, cancel)
 
     def combine_channels(self, scans: Sequence[Volume | str | Path]) -> Volume:
