@@ -375,12 +375,10 @@ def segment_cmd(
         scans: list[Any] = ([load_volume(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
                              for p in src] if len(src) == 1 else list(src))
         scan = scans[0]
-        if to_seg and len(scans) != 1:
-            raise _usage_error(f"{out}: a DICOM SEG references one DICOM series, but {len(scans)} scans were given; "
-                               "write .nii.gz labels instead.")
-        if to_seg and (scan.source is None or not scan.source.positions_mm):
-            raise _usage_error(f"{out}: a DICOM SEG references DICOM source images, but {src[0]} is not DICOM; "
-                               "write .nii.gz labels instead, or segment the DICOM series.")
+        if to_seg and (len(scans) != 1 or scan.source is None or not scan.source.positions_mm):
+            what = f"{len(scans)} scans were given" if len(scans) != 1 else f"{src[0]} is not DICOM"
+            raise _usage_error(f"{out}: a DICOM SEG references one DICOM source series, but {what}; write .nii.gz "
+                               "labels instead, or segment the DICOM series.")
         card = find_model(model, models_dirs=models_dir or [], trust_code=trust_bundle_code)
         segmenter = Segmenter(card, options=options, **changes)
         result = segmenter.segment(scan if len(scans) == 1 else scans)
