@@ -3,8 +3,9 @@
 Everything runs offline with what ships in the package: a seeded phantom study is written as a DICOM series
 (:func:`medseg.phantom.demo_study`), loaded back, segmented with the shipped ``phantom-abdomen-ct`` model on the
 scan's own grid, and compared with the phantom's exact labels (:func:`medseg.metrics.evaluate`). The labels are
-written as NIfTI with their label table; an HTML report (:func:`medseg.report.write_report`) goes beside them.
-DICOM SEG output is not written yet (no DICOM SEG writer in medseg so far).
+written as NIfTI with their label table and as a DICOM SEG referencing the CT series
+(:func:`medseg.io.write_dicom_seg`), which is read back onto the CT's grid to check it; an HTML report
+(:func:`medseg.report.write_report`) goes beside them.
 
 Layout written under the demo folder::
 
@@ -12,6 +13,7 @@ Layout written under the demo folder::
     study/labels.nii.gz            the phantom's truth (+ .labels.json)
     study/phantom.json             seed, grid, tumours
     segmentation.nii.gz            the model's labels on the CT's grid (+ segmentation.labels.json)
+    segmentation.dcm               the same labels as a BINARY DICOM SEG referencing study/ct/
     results/phantom-<seed>/        pred / ref in the report's results layout
     report.html                    (+ report_metrics.csv, report_stats.csv, report.json)
 """
@@ -88,10 +90,13 @@ class DemoResult:
     evaluation : EvaluationResult
     report_html : Path or None
         The HTML report (None when ``report=False``).
-    dicom_seg_path : None
-        Always None for now: medseg has no DICOM SEG writer yet.
+    dicom_seg_path : Path
+        ``segmentation.dcm``: the labels as a BINARY DICOM SEG referencing the CT series.
+    dicom_seg_round_trip_exact : bool
+        True when the SEG, read back onto the CT's grid, equals the labels voxel for voxel (with the same names).
     seconds : dict of str to float
-        ``study`` (generate, write and load the DICOM series), ``segment``, ``evaluate``, ``report``, ``total``.
+        ``study`` (generate, write and load the DICOM series), ``segment``, ``dicom_seg`` (write and read back the
+        SEG), ``evaluate``, ``report``, ``total``.
     replaced_earlier : bool
         True when ``folder`` held an earlier demo (or anything, with ``overwrite``) that was replaced.
     """
@@ -104,7 +109,8 @@ class DemoResult:
     lesions: tuple[LesionDetection, ...]
     evaluation: EvaluationResult
     report_html: Path | None
-    dicom_seg_path: None = None
+    dicom_seg_path: Path | None = None
+    dicom_seg_round_trip_exact: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     replaced_earlier: bool = False
 
@@ -119,8 +125,8 @@ class DemoResult:
             "truth": str(self.study.study.labels_path),
             "segmentation": str(self.labels_path),
             "report_html": None if self.report_html is None else str(self.report_html),
-            "dicom_seg": None,
-            "dicom_seg_note": "not written: medseg has no DICOM SEG writer yet",
+            "dicom_seg": None if self.dicom_seg_path is None else str(self.dicom_seg_path),
+            "dicom_seg_round_trip_exact": self.dicom_seg_round_trip_exact,
             "model": self.segmentation.model,
             "device": self.segmentation.device,
             "grid": {"shape": list(img.shape), "spacing_mm": [round(s, 4) for s in img.spacing_mm],
@@ -181,7 +187,8 @@ def run_demo(
     """
     from medseg.errors import PhantomError
     from medseg.inference import Segmenter
-    from medseg.io import save_volume
+    from medseg.io import load_segmentation, save_volume, write_dicom_seg
+    from medseg.io.dicom_seg import SegAlgorithm
     from medseg.metrics import evaluate
     from medseg.phantom import demo_study
 
@@ -204,6 +211,12 @@ def run_demo(
     t1 = time.perf_counter()
     seg = segmenter.segment(study.image)
     labels_path = save_volume(seg.labels, folder / "segmentation.nii.gz")
+    t_seg = time.perf_counter()
+    seg_path = write_dicom_seg(seg.labels, study.image, folder / "segmentation.dcm",
+                               algorithm=SegAlgorithm.from_card(segmenter.card))
+    back = load_segmentation(seg_path, reference=study.image)
+    seg_exact = bool(np.array_equal(back.array, seg.labels.array) and back.labels is not None
+                     and seg.labels.labels is not None and back.labels.names == seg.labels.labels.names)
     t2 = time.perf_counter()
     truth = study.labels
     if truth.labels is None:
@@ -234,7 +247,8 @@ def run_demo(
         report_path = write_report(folder / "results", folder / "report.html", modality="CT",
                                    title=f"medseg demo: {model} on phantom seed {seed}").html_path
     t4 = time.perf_counter()
-    logger.info("demo: %s segmented in %.1f s", model, t2 - t1)
+    logger.info("demo: %s segmented in %.1f s", model, t_seg - t1)
+    seconds = {"study": t1 - t0, "segment": t_seg - t1, "dicom_seg": t2 - t_seg, "evaluate": t3 - t2,
+               "report": t4 - t3, "total": t4 - t0}
     return DemoResult(folder, study, seg, labels_path, tuple(rows), tuple(result.lesions), result, report_path,
-                      None, {"study": t1 - t0, "segment": t2 - t1, "evaluate": t3 - t2, "report": t4 - t3,
-                             "total": t4 - t0}, replaced)
+                      seg_path, seg_exact, seconds, replaced)
