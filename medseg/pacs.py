@@ -420,7 +420,8 @@ def _http_error(exc: Exception, name: str, what: str) -> PacsError:
 
 
 class _DicomWeb(_Transport):
-    def __init__(self, url: str, credentials: Credentials, ca_bundle: str | None, timeout_s: float) -> None:
+    def __init__(self, url: str, credentials: Credentials, ca_bundle: str | None, timeout_s: float,
+                 attempts: int = 3) -> None:
         try:
             from dicomweb_client.api import DICOMwebClient
             from dicomweb_client.session_utils import create_session
@@ -446,6 +447,9 @@ class _DicomWeb(_Transport):
 
         session.request = request  # type: ignore[method-assign]
         self.client = DICOMwebClient(http_url, session=session)
+        # dicomweb-client retries failed requests (any exception, and HTTP 429/408/503/504) with exponential waits.
+        self.client.set_http_retry_params(retry=attempts > 1, max_attempts=max(1, attempts),
+                                          wait_exponential_multiplier=500)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         import requests
@@ -455,9 +459,23 @@ class _DicomWeb(_Transport):
         except requests.RequestException as exc:
             raise _http_error(exc, self.name, what) from None
 
+    def _search(self, what: str, fn: Callable[..., list[dict[str, Any]]], uid_tag: str, **kwargs: Any
+                ) -> list[dict[str, Any]]:
+        """All results of a QIDO-RS search, page by page (``offset``), stopping at an empty page or at a page with
+        nothing new: a server that ignores ``offset`` (Orthanc with some filters) would otherwise loop for ever."""
+        results: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while True:
+            page = self._call(what, lambda: fn(offset=len(results) or None, **kwargs))
+            new = [item for item in page if str(_jv(item, uid_tag)) not in seen]
+            if not new:
+                return results
+            seen.update(str(_jv(item, uid_tag)) for item in new)
+            results.extend(new)
+
     def studies(self, filters: Mapping[str, str]) -> list[StudyInfo]:
-        found = self._call("search for studies", lambda: self.client.search_for_studies(
-            search_filters=dict(filters), fields=["NumberOfStudyRelatedInstances"], get_remaining=True))
+        found = self._search("search for studies", self.client.search_for_studies, _T["StudyInstanceUID"],
+                             search_filters=dict(filters), fields=["NumberOfStudyRelatedInstances"])
         out = []
         for item in found:
             uid = _jv(item, _T["StudyInstanceUID"])
@@ -466,9 +484,9 @@ class _DicomWeb(_Transport):
         return out
 
     def series(self, study_uid: str, *, with_instance: bool) -> list[SeriesInfo]:
-        found = self._call("search for series", lambda: self.client.search_for_series(
-            study_instance_uid=study_uid, fields=["NumberOfSeriesRelatedInstances", "SeriesDescription"],
-            get_remaining=True))
+        found = self._search("search for series", self.client.search_for_series, _T["SeriesInstanceUID"],
+                             study_instance_uid=study_uid,
+                             fields=["NumberOfSeriesRelatedInstances", "SeriesDescription"])
         out = []
         for item in found:
             uid = str(_jv(item, _T["SeriesInstanceUID"]) or "")
@@ -490,8 +508,8 @@ class _DicomWeb(_Transport):
             study_uid, series_uid, sop_uid)))
 
     def instances(self, study_uid: str, series_uid: str) -> list[str]:
-        found = self._call("search for instances", lambda: self.client.search_for_instances(
-            study_instance_uid=study_uid, series_instance_uid=series_uid, get_remaining=True))
+        found = self._search("search for instances", self.client.search_for_instances, _T["SOPInstanceUID"],
+                             study_instance_uid=study_uid, series_instance_uid=series_uid)
         return [str(u) for u in (_jv(i, _T["SOPInstanceUID"]) for i in found) if u]
 
     def retrieve(self, study_uid: str, series_uid: str, folder: Path) -> int:
@@ -703,6 +721,7 @@ class _Endpoint:
     ca_bundle: str | None = None
     ae_title: str = "MEDSEG"
     timeout_s: float = 30.0
+    attempts: int = 3
 
     def __post_init__(self) -> None:
         if not is_pacs_url(self.url):
@@ -723,7 +742,7 @@ class _Endpoint:
     def connect(self) -> _Transport:
         if self.url.lower().startswith("dimse"):
             return _Dimse(self.url, self.ae_title, self.timeout_s)
-        return _DicomWeb(self.url, self.credentials, self.ca_bundle, self.timeout_s)
+        return _DicomWeb(self.url, self.credentials, self.ca_bundle, self.timeout_s, self.attempts)
 
 
 # ---- the source -----------------------------------------------------------------------------------------------
@@ -747,6 +766,8 @@ class PacsSource:
         Our AE title for DIMSE.
     timeout_s : float
         Per request (HTTP) or per network operation (DIMSE).
+    attempts : int
+        DICOMweb: tries per request (waits of 1, 2, 4 ... s between them) before a case fails.
     """
 
     url: str
@@ -757,6 +778,7 @@ class PacsSource:
     ca_bundle: str | None = None
     ae_title: str = "MEDSEG"
     timeout_s: float = 30.0
+    attempts: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).resolve())
@@ -764,7 +786,7 @@ class PacsSource:
 
     @property
     def endpoint(self) -> _Endpoint:
-        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s)
+        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s, self.attempts)
 
     @property
     def name(self) -> str:
@@ -951,7 +973,7 @@ class PacsSink:
     ----------
     url : str
         ``dicomweb+http(s)://...`` or ``dimse://AET@HOST:PORT``.
-    credentials, ca_bundle, ae_title, timeout_s :
+    credentials, ca_bundle, ae_title, timeout_s, attempts :
         As for :class:`PacsSource`.
     """
 
@@ -960,13 +982,14 @@ class PacsSink:
     ca_bundle: str | None = None
     ae_title: str = "MEDSEG"
     timeout_s: float = 30.0
+    attempts: int = 3
 
     def __post_init__(self) -> None:
         self.endpoint  # noqa: B018 - checks the URL now
 
     @property
     def endpoint(self) -> _Endpoint:
-        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s)
+        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s, self.attempts)
 
     @property
     def name(self) -> str:

@@ -148,5 +148,27 @@ class Orthanc:
                     out[uid].append(series["MainDicomTags"]["SeriesInstanceUID"])
         return out
 
+    def seg_files(self) -> dict[str, list[bytes]]:
+        """StudyInstanceUID -> the DICOM files of its SEG instances, as Orthanc stores them."""
+        import base64
+        import urllib.request
+
+        out: dict[str, list[bytes]] = {}
+        for sid in self.get("/studies"):
+            study = self.get(f"/studies/{sid}")
+            files = out.setdefault(study["MainDicomTags"]["StudyInstanceUID"], [])
+            for series_id in study["Series"]:
+                series = self.get(f"/series/{series_id}")
+                if series["MainDicomTags"].get("Modality") != "SEG":
+                    continue
+                for iid in series["Instances"]:
+                    req = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}/instances/{iid}/file")
+                    if self.auth:
+                        token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+                        req.add_header("Authorization", "Basic " + token)
+                    with urllib.request.urlopen(req, timeout=10) as answer:
+                        files.append(answer.read())
+        return out
+
     def instance_count(self) -> int:
         return int(self.get("/statistics")["CountInstances"])
