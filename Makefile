@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned in the same pip command as monai (.ci/constraints.txt): a CPU wheel here, CUDA on GPU hosts.
-	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[napari,dask,bundle,pacs,dev]"
+	# nnunet pulls timm and a torchvision that does not load beside the CPU torch; medseg never imports them.
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[napari,dask,bundle,nnunet,pacs,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

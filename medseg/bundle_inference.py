@@ -24,8 +24,9 @@ with a logged warning (it holds the whole volume of every channel at full resolu
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,33 +83,44 @@ def bundle_input(volume: Volume) -> Any:
 class InversionPlan:
     """How the network grid goes back to the input grid, read from the preprocessing as it ran.
 
+    MONAI inverts in reverse order: crops and pads back to the resampled grid G (zero padding, cropping), the one
+    interpolating step (``Spacing``) from G back to the grid O it started from, then flips and axis permutations
+    (``Orientation``) from O back to the input grid. The plan records the three grids.
+
     Attributes
     ----------
     exact : bool
         False when the geometry is not one the slab inversion reproduces (then the bundle's ``Invertd`` runs).
     reason : str
         Why not, when not exact.
-    grid_affine : ndarray, shape (4, 4)
-        The grid right after the preprocessing's last resampling step (before its crops and pads).
-    grid_shape : tuple of 3 int
-    net_affine : ndarray, shape (4, 4)
-        The network grid (``grid_affine`` shifted by the crops and pads).
-    net_shape : tuple of 3 int
+    oriented_affine, oriented_shape : ndarray (4, 4), tuple of 3 int
+        O: the grid before the interpolating step (the input grid up to flips and axis order).
+    grid_affine, grid_shape : ndarray (4, 4), tuple of 3 int
+        G: the grid right after the interpolating step (O when there is none).
+    net_affine, net_shape : ndarray (4, 4), tuple of 3 int
+        The network grid (G shifted by the crops and pads).
+    interpolates : bool
+        Whether there is an interpolating step.
     mode : {"bilinear", "nearest"}
-        Interpolation of the resampling step's inverse (before ``Invertd``'s ``nearest_interp``).
+        Its interpolation (before ``Invertd``'s ``nearest_interp``).
     padding_mode : {"border", "zeros"}
+    align_corners : bool
     float64 : bool
-        The resampling step computed in float64 (MONAI's Spacing default): its inverse does too.
+        It computed in float64 (MONAI's Spacing default): its inverse does too.
     """
 
     exact: bool
     reason: str
+    oriented_affine: np.ndarray
+    oriented_shape: tuple[int, int, int]
     grid_affine: np.ndarray
     grid_shape: tuple[int, int, int]
     net_affine: np.ndarray
     net_shape: tuple[int, int, int]
+    interpolates: bool = False
     mode: str = "bilinear"
     padding_mode: str = "border"
+    align_corners: bool = False
     float64: bool = True
 
 
@@ -152,11 +164,12 @@ def preprocess(built: BuiltBundle, volume: Volume) -> tuple[dict[str, Any], Inve
     key = built.image_key
     img = bundle_input(volume)
     data: dict[str, Any] = {key: img}
-    grid_affine, grid_shape = np.asarray(volume.affine, dtype=np.float64), _shape(img)
+    o_affine, o_shape = np.asarray(volume.affine, dtype=np.float64), _shape(img)
+    g_affine, g_shape = o_affine, o_shape
     interpolations = 0
     cropped = False
     reason = ""
-    mode, padding, float64 = "bilinear", "border", True
+    mode, padding, align, float64 = "bilinear", "border", False, True
     for t in built.preprocessing:
         before_a, before_s = _affine(data[key]), _shape(data[key])
         try:
@@ -176,38 +189,41 @@ def preprocess(built: BuiltBundle, volume: Volume) -> tuple[dict[str, Any], Inve
         m = np.linalg.inv(before_a) @ after_a  # index after -> index before
         lin, off = m[:3, :3], m[:3, 3]
         integer_shift = np.allclose(off, np.round(off), atol=1e-4)
+        name = type(t).__name__
         if np.allclose(lin, np.eye(3), atol=1e-6) and integer_shift:
-            cropped = True  # a crop or a pad on the current grid
+            cropped = True  # a crop or a pad of the current grid
+            if not interpolations and not reason:
+                reason = f"{name} crops or pads before the preprocessing resamples"
             continue
         signed_perm = (np.allclose(np.abs(lin).sum(axis=0), 1, atol=1e-6)
                        and np.allclose(np.abs(lin).max(axis=0), 1, atol=1e-6) and integer_shift)
-        if cropped and not reason:
-            reason = f"{type(t).__name__} changes the grid after a crop or pad"
-        if not signed_perm:
-            interpolations += 1
-            name = type(t).__name__
-            if name not in ("Spacingd", "Spacing") and not reason:
-                reason = f"{name} resamples in a way the slab inversion does not reproduce"
-            if interpolations > 1 and not reason:
-                reason = "the preprocessing interpolates more than once"
-            i = _key_index(t, key)
-            raw_mode = _pick(getattr(t, "mode", "bilinear"), i)
-            raw_mode = getattr(raw_mode, "value", raw_mode)
-            mode = _MODES.get(raw_mode, "")  # type: ignore[call-overload]
-            if not mode and not reason:
-                reason = f"{name} uses the interpolation {raw_mode!r}"
-            raw_pad = _pick(getattr(t, "padding_mode", "border"), i)
-            padding = str(getattr(raw_pad, "value", raw_pad))
-            if padding not in ("border", "zeros") and not reason:
-                reason = f"{name} pads with {padding!r}"
-            dtype = _pick(getattr(t, "dtype", np.float64), i)
-            float64 = dtype is None or "64" in str(dtype)
-        grid_affine, grid_shape = after_a, after_s
+        if (cropped or interpolations) and not reason:
+            reason = f"{name} changes the grid after the preprocessing resampled, cropped or padded it"
+        if signed_perm:
+            o_affine, o_shape = after_a, after_s
+            g_affine, g_shape = after_a, after_s
+            continue
+        interpolations += 1
+        if name not in ("Spacingd", "Spacing") and not reason:
+            reason = f"{name} resamples in a way the slab inversion does not reproduce"
+        i = _key_index(t, key)
+        raw_mode = _pick(getattr(t, "mode", "bilinear"), i)
+        raw_mode = getattr(raw_mode, "value", raw_mode)
+        mode = _MODES.get(raw_mode, "")  # type: ignore[call-overload]
+        if not mode and not reason:
+            reason = f"{name} uses the interpolation {raw_mode!r}"
+        raw_pad = _pick(getattr(t, "padding_mode", "border"), i)
+        padding = str(getattr(raw_pad, "value", raw_pad))
+        if padding not in ("border", "zeros") and not reason:
+            reason = f"{name} pads with {padding!r}"
+        align = bool(_pick(getattr(t, "align_corners", False), i))
+        dtype = _pick(getattr(t, "dtype", np.float64), i)
+        float64 = dtype is None or "64" in str(dtype)
+        o_affine, o_shape = before_a, before_s
+        g_affine, g_shape = after_a, after_s
     x = data[key]
-    if interpolations == 0:
-        mode = "nearest"  # only flips, permutations, crops and pads: voxel centres map onto voxel centres
-    plan = InversionPlan(not reason, reason, grid_affine, grid_shape, _affine(x), _shape(x), mode or "bilinear",
-                         padding, float64)
+    plan = InversionPlan(not reason, reason, o_affine, o_shape, g_affine, g_shape, _affine(x), _shape(x),
+                         interpolations > 0, mode or "bilinear", padding, align, float64)
     return data, plan
 
 
@@ -296,27 +312,95 @@ def run_before_invert(built: BuiltBundle, data: dict[str, Any], plan: InversionP
     return out
 
 
-def _network_grid_for_sampling(values: torch.Tensor, plan: InversionPlan) -> tuple[torch.Tensor, np.ndarray]:
-    """``values`` on the network grid → the same values on a grid to sample with border clamping, so that
-    sampling it equals MONAI's inverse (crops: zero padding inside the resampled grid; pads: cropped off)."""
+def _on_resampled_grid(values: torch.Tensor, plan: InversionPlan) -> torch.Tensor:
+    """Network-grid values back on the grid G the preprocessing resampled to: MONAI's inverse of crops (zero
+    padding) and of pads (cropping)."""
     import torch
 
-    lo = np.round((np.linalg.inv(plan.grid_affine) @ plan.net_affine)[:3, 3]).astype(int)  # net origin in grid
-    starts, stops, pad_lo, pad_hi = [], [], [], []
+    lo = np.round((np.linalg.inv(plan.grid_affine) @ plan.net_affine)[:3, 3]).astype(int)  # net origin in G
+    if tuple(values.shape[1:]) == plan.grid_shape and not lo.any():
+        return values
+    out = torch.zeros((values.shape[0], *plan.grid_shape), dtype=values.dtype)
+    src, dst = [], []
     for a in range(3):
-        s0 = max(0, -lo[a])
-        s1 = min(plan.net_shape[a], plan.grid_shape[a] - lo[a])
-        starts.append(s0)
-        stops.append(s1)
-        # A zero ring where the crop box lies inside the grid (MONAI pads crops with zeros, then interpolates).
-        pad_lo.append(1 if lo[a] + s0 > 0 else 0)
-        pad_hi.append(1 if lo[a] + s1 < plan.grid_shape[a] else 0)
-    sub = values[:, starts[0]:stops[0], starts[1]:stops[1], starts[2]:stops[2]]
-    if any(pad_lo) or any(pad_hi):
-        sub = torch.nn.functional.pad(sub, (pad_lo[2], pad_hi[2], pad_lo[1], pad_hi[1], pad_lo[0], pad_hi[0]))
-    shift = np.eye(4)
-    shift[:3, 3] = [starts[a] - pad_lo[a] for a in range(3)]
-    return sub, plan.net_affine @ shift
+        g0, g1 = max(0, lo[a]), min(plan.grid_shape[a], lo[a] + plan.net_shape[a])
+        dst.append(slice(g0, max(g0, g1)))
+        src.append(slice(g0 - lo[a], max(g0, g1) - lo[a]))
+    out[(slice(None), *dst)] = values[(slice(None), *src)]
+    return out
+
+
+def _linspace_from_neg_one(n: int, align_corners: bool, dtype: torch.dtype) -> torch.Tensor:
+    import torch
+
+    if n <= 1:
+        return torch.zeros(1, dtype=dtype)
+    r = torch.linspace(-1, 1, n, dtype=dtype)
+    return r if align_corners else r * (n - 1) / n
+
+
+def _monai_resample_slabs(
+    values: torch.Tensor, plan: InversionPlan, *, mode: str, slab_bytes: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """MONAI's ``SpatialResample`` inverse (G → O) computed slab by slab along O's first axis, with the very
+    arithmetic of ``AffineTransform``: the pixel transform normalised by ``to_norm_affine``, the base grid and the
+    matrix product of ``torch.nn.functional.affine_grid``, then ``grid_sample``. Same floats as the whole-volume
+    call (so that ties between two network voxels fall the same way), one slab of memory."""
+    import torch
+    import torch.nn.functional as F
+    from monai.networks.utils import to_norm_affine
+
+    dtype = values.dtype
+    xform = np.linalg.solve(plan.grid_affine, plan.oriented_affine)  # O index -> G index (MONAI: solve(src, dst))
+    theta = torch.as_tensor(xform, dtype=torch.float64).to(dtype)[None]
+    theta = to_norm_affine(affine=theta, src_size=plan.grid_shape, dst_size=plan.oriented_shape,
+                           align_corners=plan.align_corners, zero_centered=False)
+    rev = [2, 1, 0]
+    theta[:, :3] = theta[:, rev]
+    theta[:, :, :3] = theta[:, :, rev]
+    theta34 = theta[:, :3]
+    d_all, h, w = plan.oriented_shape
+    lin_w = _linspace_from_neg_one(w, plan.align_corners, dtype)
+    lin_h = _linspace_from_neg_one(h, plan.align_corners, dtype)
+    lin_d = _linspace_from_neg_one(d_all, plan.align_corners, dtype)
+    src = values.unsqueeze(0).contiguous()
+    step = max(1, int(slab_bytes // max(1, (values.shape[0] + 4) * h * w * values.element_size())))
+    step = min(step, d_all)
+    full = torch.empty((1, step, h, w, 4), dtype=dtype)  # affine_grid's base grid; only the D column changes
+    full[..., 0].copy_(lin_w)
+    full[..., 1].copy_(lin_h.unsqueeze(-1))
+    full[..., 3].fill_(1)
+    for d0 in range(0, d_all, step):
+        d1 = min(d_all, d0 + step)
+        base = full[:, :d1 - d0]
+        base[..., 2].copy_(lin_d[d0:d1].unsqueeze(-1).unsqueeze(-1))
+        grid = base.reshape(1, -1, 4).bmm(theta34.transpose(1, 2)).view(1, d1 - d0, h, w, 3)
+        slab = F.grid_sample(src, grid, mode=mode, padding_mode=plan.padding_mode, align_corners=plan.align_corners)
+        del grid
+        yield d0, d1, slab[0]
+
+
+def _oriented_slabs(
+    values: torch.Tensor, plan: InversionPlan, *, mode: str, slab_bytes: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    if plan.interpolates:
+        yield from _monai_resample_slabs(values, plan, mode=mode, slab_bytes=slab_bytes)
+        return
+    n = plan.oriented_shape[0]
+    step = max(1, int(slab_bytes // max(1, values.shape[0] * plan.oriented_shape[1] * plan.oriented_shape[2]
+                                        * values.element_size())))
+    for d0 in range(0, n, step):
+        yield d0, min(n, d0 + step), values[:, d0:d0 + step]
+
+
+def _to_input_axes(plan: InversionPlan, input_affine: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """O index -> input index as a signed permutation: for each O axis, the input axis, sign and offset."""
+    m = np.linalg.inv(input_affine) @ plan.oriented_affine
+    lin = np.round(m[:3, :3]).astype(int)
+    axes = [int(np.argmax(np.abs(lin[:, a]))) for a in range(3)]
+    signs = [int(lin[axes[a], a]) for a in range(3)]
+    offsets = [int(np.round(m[axes[a], 3])) for a in range(3)]
+    return axes, signs, offsets
 
 
 def invert_bundle_output(
@@ -345,7 +429,6 @@ def invert_bundle_output(
     import torch
 
     from medseg.errors import ModelCardError
-    from medseg.transforms import resample_slabs
 
     key = built.pred_key
     pred = data[key]
@@ -366,12 +449,11 @@ def invert_bundle_output(
         nearest = True
     else:
         nearest = bool(_pick(built.invert.nearest_interp, 0))
-    mode: Literal["bilinear", "nearest"] = "nearest" if nearest or plan.mode == "nearest" else "bilinear"
-    padding: Literal["border", "zeros"] = "zeros" if plan.padding_mode == "zeros" else "border"
+    mode = "nearest" if nearest or plan.mode == "nearest" else "bilinear"
     values = pred.as_tensor() if hasattr(pred, "as_tensor") else torch.as_tensor(pred)
-    values = values.detach().cpu()
-    dtype = torch.float64 if plan.float64 else torch.float32
-    grid_values, grid_affine = _network_grid_for_sampling(values.to(dtype), plan)
+    values = _on_resampled_grid(values.detach().cpu(), plan)
+    if plan.interpolates:  # MONAI resamples in the forward step's dtype and returns float32
+        values = values.to(torch.float64 if plan.float64 else torch.float32)
     per_slab: list[Any] = []
     whole: list[Any] = []
     for t in built.after_invert:
@@ -379,9 +461,22 @@ def invert_bundle_output(
     out: np.ndarray | None = None
     labels: np.ndarray | None = None
     non_integer = 0
-    in_shape = tuple(volume.shape[:3])
-    for k0, k1, slab in resample_slabs(grid_values, grid_affine, np.asarray(volume.affine, dtype=np.float64),
-                                       in_shape, mode=mode, padding_mode=padding, slab_bytes=slab_bytes):
+    in_shape = tuple(int(n) for n in volume.shape[:3])
+    axes, signs, offsets = _to_input_axes(plan, np.asarray(volume.affine, dtype=np.float64))
+    order = [axes.index(b) for b in range(3)]  # input axis b <- O axis order[b]
+    flips = [1 + b for b in range(3) if signs[order[b]] < 0]
+    along = axes[0]
+    for d0, d1, slab in _oriented_slabs(values, plan, mode=mode, slab_bytes=slab_bytes):
+        if plan.interpolates:
+            slab = slab.to(torch.float32)
+        slab = slab.permute(0, *[1 + order[b] for b in range(3)])
+        if flips:
+            slab = torch.flip(slab, dims=flips)
+        if signs[0] > 0:
+            i0, i1 = offsets[0] + d0, offsets[0] + d1
+        else:
+            i0, i1 = offsets[0] - d1 + 1, offsets[0] - d0 + 1
+        where = tuple(slice(i0, i1) if b == along else slice(None) for b in range(3))
         d: dict[str, Any] = {key: slab}
         for t in per_slab:
             try:
@@ -391,7 +486,7 @@ def invert_bundle_output(
                                      f"({type(exc).__name__}: {exc}).") from None
         res = d[key]
         res = res.as_tensor() if hasattr(res, "as_tensor") else torch.as_tensor(res)
-        if res.ndim != 4 or tuple(res.shape[1:]) != (*in_shape[:2], k1 - k0):
+        if res.ndim != 4 or tuple(res.shape[1:]) != tuple(slab.shape[1:]):
             raise UnsupportedBundleError(
                 f"{built.spec.config_path}: a postprocessing transform after Invertd changed the shape "
                 f"{tuple(slab.shape)} to {tuple(res.shape)}; medseg runs only voxelwise transforms there slab by "
@@ -407,12 +502,12 @@ def invert_bundle_output(
                                              "not a label map.")
             if labels is None:
                 labels = np.zeros(in_shape, dtype=np.uint16)
-            labels[..., k0:k1] = lab.numpy().astype(np.uint16)
+            labels[where] = lab.numpy().astype(np.uint16)
             continue
         if out is None:
             np_dtype = res.numpy().dtype if res.dtype != torch.bfloat16 else np.float32
             out = np.zeros((res.shape[0], *in_shape), dtype=np_dtype)
-        out[..., k0:k1] = res.numpy()
+        out[(slice(None), *where)] = res.numpy()
     if labels is not None:
         if non_integer:
             logger.warning("%s: %.1f%% of the output voxels are not whole label values (the bundle interpolates "

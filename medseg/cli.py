@@ -68,63 +68,187 @@ def _geometry(volume: Any) -> dict[str, Any]:
     }
 
 
+_VolumeOpt = Annotated[int | None, typer.Option("--volume", min=0, help=(
+    "Which volume (from 0) of a DICOM file or series holding several at the same positions (echoes, time points, "
+    "magnitude + field map; `medseg info` lists them), or of a 4D NIfTI."))]
+_SkipOpt = Annotated[bool, typer.Option("--skip-unreadable", help=(
+    "Leave damaged files of a DICOM folder out (each named in a warning and recorded) instead of stopping."))]
+
+
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="DICOM folder or file, NIfTI, NRRD or MHA.")],
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    volume: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Geometry of a scan: shape, spacing, origin, direction, orientation, modality, series found."""
-    from medseg.io import list_series, load_volume
+    """Geometry of a scan; for DICOM also the series and volumes found and every file set aside or skipped.
 
+    For a DICOM SEG file: its segments (number, label, category/type codes, algorithm, voxels) and the series it
+    references.
+    """
+    from medseg.errors import MultipleSeriesError, MultipleVolumesError
+    from medseg.io import list_volumes, load_volume, scan_folder
+    from medseg.io.dicom_seg import is_dicom_seg
+
+    if path.is_file() and is_dicom_seg(path):
+        _seg_info(path, as_json)
+        return
+    loaded, volumes, dicom = None, None, path.is_dir()
     try:
-        found = list_series(path) if path.is_dir() else []
-        several = path.is_dir() and series_uid is None and len(found) > 1
-        volume = None if several else load_volume(path, series_uid=series_uid)
+        contents = scan_folder(path, skip_unreadable=skip_unreadable) if path.is_dir() else None
+        try:
+            loaded = load_volume(path, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
+            dicom = dicom or bool(loaded.source and loaded.source.sop_class_uid)
+        except MultipleSeriesError:  # several series and none chosen: list them
+            if series_uid is not None:
+                raise
+            dicom = False
+        except MultipleVolumesError:  # several volumes and none chosen: list them
+            if volume is not None:
+                raise
+            dicom = True
+        if dicom:
+            volumes = list_volumes(path, series_uid=series_uid, skip_unreadable=skip_unreadable)
     except MedsegError as exc:
         fail(exc)
         return
     data: dict[str, Any] = {"path": str(path)}
-    if volume is not None:
-        data.update(_geometry(volume))
-    if path.is_dir():
+    if loaded is not None:
+        data.update(_geometry(loaded))
+    if volumes is not None:
+        data["volumes"] = [{"volume": v.index, "slices": v.n_slices, "description": v.description} for v in volumes]
+    if contents is not None:
         data["series"] = [
             {"series_uid": s.key, "description": s.description, "modality": s.modality, "slices": s.n_slices}
-            for s in found
+            for s in contents.series
         ]
+        data["set_aside"] = [{"path": f.path, "reason": f.reason} for f in contents.set_aside]
+        data["skipped"] = [{"path": f.path, "reason": f.reason} for f in contents.skipped]
     if as_json:
         print_json(data)
         return
     table = Table(show_header=False, box=None)
     for key, value in data.items():
-        if key == "series":
-            continue
-        table.add_row(f"[bold]{key}[/]", str(value))
+        if key not in ("series", "set_aside", "skipped", "volumes"):
+            table.add_row(f"[bold]{key}[/]", str(value))
     console.print(table)
-    if path.is_dir():
-        console.print(f"[bold]series found[/] ({len(data['series'])}):")
-        for s in data["series"]:
-            console.print(f"  {s['series_uid']}  {s['description']!r}  {s['modality']}  {s['slices']} slices")
-        if volume is None:
-            console.print("Several series: choose one with [bold]--series-uid[/] to see its geometry.")
+    if volumes is not None and len(volumes) > 1:
+        console.print(f"[bold]volumes[/] ({len(volumes)}, choose with --volume N):")
+        for v in data["volumes"]:
+            console.print(f"  {v['volume']}: {v['slices']} slices, {v['description']}", highlight=False)
+    if contents is None:
+        return
+    console.print(f"[bold]series found[/] ({len(data['series'])}):")
+    for s in data["series"]:
+        console.print(f"  {s['series_uid']}  {s['description']!r}  {s['modality']}  {s['slices']} slices")
+    for key, title in (("set_aside", "set aside"), ("skipped", "skipped (damaged)")):
+        if data[key]:
+            console.print(f"[bold]{title}[/] ({len(data[key])}):")
+            for f in data[key]:
+                console.print(f"  {f['path']}: {f['reason']}", highlight=False, soft_wrap=True)
+    if loaded is None and series_uid is None and volumes is None:
+        console.print("Several series: choose one with [bold]--series-uid[/] to see its geometry.")
+
+
+def _seg_info(path: Path, as_json: bool) -> None:
+    from medseg.io import read_seg_info
+
+    try:
+        info_ = read_seg_info(path)
+    except MedsegError as exc:
+        fail(exc)
+        return
+    if as_json:
+        print_json(info_.to_json())
+        return
+    console.print(f"[bold]DICOM SEG[/] {path}  {info_.seg_type}, {info_.n_frames} frames, "
+                  f"{info_.series_description!r}", highlight=False)
+    console.print(f"[bold]references[/] series {', '.join(info_.referenced_series_uids) or '?'} "
+                  f"({info_.n_referenced_instances} instances), frame of reference {info_.frame_of_reference_uid}",
+                  highlight=False)
+    table = Table("#", "value", "label", "category", "type", "algorithm", "voxels")
+    for seg in info_.segments:
+        c = seg.code
+        typ = "-" if c is None else f"{c.type.meaning} ({c.type.scheme} {c.type.value})" + (
+            f", {c.modifier.meaning}" if c.modifier is not None else "")
+        cat = "-" if c is None else f"{c.category.meaning} ({c.category.scheme} {c.category.value})"
+        algo = seg.algorithm_type + (f" {seg.algorithm_name} {seg.algorithm_version or ''}" if seg.algorithm_name
+                                     else "")
+        table.add_row(str(seg.number), str(seg.value), seg.label, cat, typ, algo.strip(), str(seg.voxels))
+    console.print(table)
+
+
+_SegType = Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary (interoperable) or labelmap.")]
+_RepairUids = Annotated[bool, typer.Option("--repair-uids", help=(
+    "For a source series with blank/missing UIDs: write a repaired copy next to the SEG and reference it."))]
 
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="Input scan (DICOM folder/file, NIfTI, NRRD, MHA).")],
-    dst: Annotated[Path, typer.Argument(help="Output file (.nii.gz, .nii, .nrrd, .mha).")],
+    src: Annotated[Path, typer.Argument(help="Input scan or labels (DICOM folder/file, DICOM SEG, NIfTI, NRRD, MHA).")],
+    dst: Annotated[Path, typer.Argument(help="Output file (.nii.gz, .nii, .nrrd, .mha, or .dcm for a DICOM SEG).")],
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    volume_index: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
+    reference: Annotated[Path | None, typer.Option("--reference", help=(
+        "labels → SEG: the DICOM series the labels were made from. SEG → labels: put the labels on this scan's "
+        "grid (default: the SEG's own frame grid)."))] = None,
+    split: Annotated[bool, typer.Option("--split", help="SEG → labels: one mask file per segment "
+                                        "(DST_<value>_<name>.nii.gz), for overlapping segments.")] = False,
+    seg_type: _SegType = "binary",
+    repair_uids: _RepairUids = False,
+    codes: Annotated[Path | None, typer.Option("--codes", help="JSON of DICOM codes by label name, for labels the "
+                                               "curated table does not cover.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="labels → SEG: the model that made the labels "
+                                              "(name, version and weights sha256 go into the SEG).")] = None,
+    algorithm_type: Annotated[str, typer.Option("--algorithm-type", help="labels → SEG: AUTOMATIC (needs --model), "
+                                                "SEMIAUTOMATIC (needs --model) or MANUAL.")] = "AUTOMATIC",
 ) -> None:
-    """Convert a scan to another format on the same world grid."""
-    from medseg.io import load_volume, save_volume
+    """Convert a scan to another format on the same world grid; labels ↔ DICOM SEG."""
+    from medseg.io import load_segmentation, load_volume, save_volume, write_dicom_seg
+    from medseg.io.dicom_seg import SegAlgorithm, is_dicom_seg, save_segment_masks
 
     try:
-        volume = load_volume(src, series_uid=series_uid)
+        if src.is_file() and is_dicom_seg(src):
+            ref = load_volume(reference, skip_unreadable=skip_unreadable) if reference is not None else None
+            volume = load_segmentation(src, reference=ref, split=split)
+            outs = save_segment_masks(volume, dst) if split else [save_volume(volume, dst)]
+            for out in outs:
+                console.print(f"wrote {out}  ({volume.describe_grid()})", highlight=False)
+            return
+        if split:
+            raise _usage_error(f"--split applies to DICOM SEG input; {src} is not a DICOM SEG.")
+        if dst.name.lower().endswith(".dcm"):
+            if reference is None:
+                raise _usage_error(f"{dst}: writing a DICOM SEG needs --reference DICOM_FOLDER, the series the labels "
+                                   "were made from.")
+            labels = load_volume(src, series_uid=series_uid, volume=volume_index, skip_unreadable=skip_unreadable)
+            algorithm = None
+            if model is not None:
+                from medseg.models import find_model
+
+                algorithm = SegAlgorithm.from_card(find_model(model))
+            out = write_dicom_seg(labels, reference, dst, seg_type=seg_type.lower(),  # type: ignore[arg-type]
+                                  algorithm=algorithm, algorithm_type=algorithm_type.upper(),  # type: ignore[arg-type]
+                                  repair_uids=repair_uids, codes=codes)
+            console.print(f"wrote {out}  (DICOM SEG, {seg_type.upper()}, referencing {reference})", highlight=False)
+            return
+        if reference is not None:
+            raise _usage_error("--reference applies to labels → DICOM SEG (DST ending in .dcm) or DICOM SEG input.")
+        volume = load_volume(src, series_uid=series_uid, volume=volume_index, skip_unreadable=skip_unreadable)
         out = save_volume(volume, dst)
     except MedsegError as exc:
         fail(exc)
         return
     console.print(f"wrote {out}  ({volume.describe_grid()})")
+
+
+def _usage_error(message: str) -> MedsegError:
+    from medseg.errors import DicomSegError
+
+    return DicomSegError(message)
 
 
 models_app = typer.Typer(help="Model cards: shipped, in --models-dir folders, and MONAI bundles.", no_args_is_help=True)
@@ -194,7 +318,8 @@ def segment_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help=(
         "Model name, card file, MONAI bundle folder or nnU-Net result folder (or its fold_N / checkpoint).")
     )],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output labels (.nii.gz, .nii, .nrrd, .mha).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "Output labels (.nii.gz, .nii, .nrrd, .mha), or .dcm for a DICOM SEG referencing a DICOM input."))],
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
     overlap: Annotated[float | None, typer.Option("--overlap", min=0.0, max=0.95, help="Window overlap.")] = None,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help=(
@@ -206,13 +331,19 @@ def segment_cmd(
         "resampling onto the network grid. Labels still go back with the exact trilinear inversion."
     ))] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series to load from a DICOM folder.")] = None,
+    volume: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
     models_dir: _ModelsDir = None,
     trust_bundle_code: _TrustCode = False,
+    seg_type: _SegType = "binary",
+    repair_uids: _RepairUids = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
-    """Segment a scan; write labels on the scan's own grid with a label-table sidecar (.labels.json)."""
+    """Segment a scan; write labels on the scan's own grid with a label-table sidecar (.labels.json), or a DICOM
+    SEG (--out *.dcm) that references the DICOM input."""
     from medseg.inference import InferenceOptions, Segmenter
-    from medseg.io import load_volume, save_volume
+    from medseg.io import load_volume, save_volume, write_dicom_seg
+    from medseg.io.dicom_seg import SegAlgorithm
     from medseg.models import find_model
 
     try:
@@ -221,11 +352,21 @@ def segment_cmd(
         changes: dict[str, Any] = {"overlap": overlap, "amp": amp if amp is not None else options.amp}
         if tta is not None:
             changes["tta"] = tta
+        to_seg = out.name.lower().endswith(".dcm")
+        scans: list[Any] = ([load_volume(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
+                             for p in src] if len(src) == 1 else list(src))
+        scan = scans[0]
+        if to_seg and (len(scans) != 1 or scan.source is None or not scan.source.positions_mm):
+            raise _usage_error(f"{out}: a DICOM SEG references DICOM source images, but {src[0]} is not one DICOM "
+                               "series; write .nii.gz labels instead, or segment the DICOM series.")
         card = find_model(model, models_dirs=models_dir or [], trust_code=trust_bundle_code)
         segmenter = Segmenter(card, options=options, **changes)
-        scans = [load_volume(p, series_uid=series_uid) for p in src] if len(src) == 1 else list(src)
-        result = segmenter.segment(scans[0] if len(scans) == 1 else scans)
-        written = save_volume(result.labels, out)
+        result = segmenter.segment(scan if len(scans) == 1 else scans)
+        if to_seg:
+            written = write_dicom_seg(result.labels, scan, out, seg_type=seg_type.lower(),  # type: ignore[arg-type]
+                                      algorithm=SegAlgorithm.from_card(segmenter.card), repair_uids=repair_uids)
+        else:
+            written = save_volume(result.labels, out)
     except MedsegError as exc:
         fail(exc)
         return
@@ -256,7 +397,8 @@ def train_cmd(
     from medseg.train import ProgressEvent, train
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=as_json)
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=as_json,
+                   transient=True)  # gone when done: an error stays the one line on stderr
     task = bar.add_task("caching cases", total=None)
 
     def show(ev: ProgressEvent) -> None:
@@ -323,7 +465,8 @@ def demo_cmd(
         console.print(f"{d['name']}: {d['detected']}/{d['n_ref']} detected, {d['false_positives']} false positive(s)")
     console.print(f"labels        {data['segmentation']}  (on the CT's grid: {data['on_input_grid']})")
     console.print(f"report        {data['report_html'] or 'not written (--no-report)'}")
-    console.print(f"DICOM SEG     {data['dicom_seg_note']}")
+    console.print(f"DICOM SEG     {data['dicom_seg']}  (read back onto the CT's grid: exact "
+                  f"{data['dicom_seg_round_trip_exact']})")
     console.print(f"time          {data['seconds']['total']:.1f} s (segmentation {data['seconds']['segment']:.1f} s)")
 
 
@@ -426,7 +569,9 @@ def evaluate_cmd(
 def _write_csv_or_json(result: Any, csv_out: Path | None, as_json: bool) -> bool:
     """Write ``result.to_csv()`` to ``csv_out`` when given; print its JSON when asked (True: nothing more to print)."""
     if csv_out is not None:
-        csv_out.write_text(result.to_csv())
+        from medseg.files import atomic_write_text
+
+        atomic_write_text(csv_out, result.to_csv())
     if as_json:
         print_json(result.to_json())
     return as_json
@@ -436,15 +581,18 @@ def _write_csv_or_json(result: Any, csv_out: Path | None, as_json: bool) -> bool
 def stats_cmd(
     seg: Annotated[Path, typer.Argument(help="Label map (NIfTI, NRRD, MHA, DICOM).")],
     image: Annotated[Path | None, typer.Option("--image", help="The scan, for intensity statistics.")] = None,
+    volume: _VolumeOpt = None,
+    skip_unreadable: _SkipOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (strict: inf/nan as null).")] = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-label CSV here.")] = None,
 ) -> None:
-    """Volume (mL), intensity statistics, centroid, extent and lesion counts per label."""
+    """Volume (mL), intensity statistics, centroid, extent and lesion counts per label (--volume: of --image)."""
     from medseg.io import load_volume
     from medseg.stats import volume_stats
 
     try:
-        result = volume_stats(load_volume(seg), load_volume(image) if image is not None else None)
+        scan = (load_volume(image, volume=volume, skip_unreadable=skip_unreadable) if image is not None else None)
+        result = volume_stats(load_volume(seg), scan)
     except MedsegError as exc:
         fail(exc)
         return
@@ -623,6 +771,8 @@ def batch_cmd(
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg/--no-dicom-seg", help="DICOM SEG for DICOM inputs.")] = False,
     seg_type: Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")] = "binary",
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics per case and statistics.csv.")] = True,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Metrics against the cases' reference "
+                                          "labels, when they have one.")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="report.html over all cases.")] = True,
     executor: Annotated[str, typer.Option("--executor", help="local (in-process) or dask.")] = "local",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Dask LocalCluster worker processes.")] = 2,
@@ -633,6 +783,7 @@ def batch_cmd(
     include_phi: Annotated[bool, typer.Option("--include-phi", help="Put patient name, ID and birth date in the "
                                               "records and statistics.csv (off: case_id only).")] = False,
     models_dir: _ModelsDir = None,
+    trust_bundle_code: _TrustCode = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     log_json: Annotated[bool, typer.Option("--log-json", help="One JSON line per event on stdout.")] = False,
     query: _Query = None,
@@ -657,9 +808,9 @@ def batch_cmd(
         options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
                              fast=fast, tta=tta, torch_threads=torch_threads,
                              outputs=OutputOptions(dicom_seg=dicom_seg or sink is not None, seg_type=seg_type,  # type: ignore[arg-type]
-                                                   stats=stats, report=report),
+                                                   stats=stats, metrics=metrics, report=report),
                              executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
-                             include_phi=include_phi)
+                             include_phi=include_phi, trust_bundle_code=trust_bundle_code)
         options.check_available()
         manifest = source.manifest() if source is not None else load_manifest_or_folder(inputs)
     except MedsegError as exc:

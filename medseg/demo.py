@@ -1,10 +1,11 @@
-"""The end-to-end demo behind ``medseg demo``: phantom → DICOM → load → segment → labels, volumes, Dice, report.
+"""The end-to-end demo behind ``medseg demo``: phantom → DICOM → a one-case batch run → labels, volumes, Dice, report.
 
 Everything runs offline with what ships in the package: a seeded phantom study is written as a DICOM series
-(:func:`medseg.phantom.demo_study`), loaded back, segmented with the shipped ``phantom-abdomen-ct`` model on the
-scan's own grid, and compared with the phantom's exact labels (:func:`medseg.metrics.evaluate`). The labels are
-written as NIfTI with their label table; an HTML report (:func:`medseg.report.write_report`) goes beside them.
-DICOM SEG output is not written yet (no DICOM SEG writer in medseg so far).
+(:func:`medseg.phantom.demo_study`) and run as a one-case batch (:func:`medseg.workflow.run_batch`, the runner
+that ``medseg batch`` uses): segmented with the shipped ``phantom-abdomen-ct`` model on the scan's own grid,
+scored against the phantom's exact labels, with statistics, a status record, a run record, a BINARY DICOM SEG
+referencing the CT series (:func:`medseg.io.write_dicom_seg`, read back onto the CT's grid to check it) and the
+HTML report.
 
 Layout written under the demo folder::
 
@@ -12,8 +13,11 @@ Layout written under the demo folder::
     study/labels.nii.gz            the phantom's truth (+ .labels.json)
     study/phantom.json             seed, grid, tumours
     segmentation.nii.gz            the model's labels on the CT's grid (+ segmentation.labels.json)
-    results/phantom-<seed>/        pred / ref in the report's results layout
-    report.html                    (+ report_metrics.csv, report_stats.csv, report.json)
+    segmentation.dcm               the same labels as a BINARY DICOM SEG referencing study/ct/ (read back to check)
+    results/phantom-<seed>/        the runner's case folder: pred, ref, image, segmentation.dcm, stats.csv, metrics.csv,
+                                   status.json
+    results/run.json               the run record (+ statistics.csv, metrics.csv)
+    results/report.html            (+ report_metrics.csv, report_stats.csv, report.json) unless --no-report
 """
 
 from __future__ import annotations
@@ -88,10 +92,13 @@ class DemoResult:
     evaluation : EvaluationResult
     report_html : Path or None
         The HTML report (None when ``report=False``).
-    dicom_seg_path : None
-        Always None for now: medseg has no DICOM SEG writer yet.
+    dicom_seg_path : Path
+        ``segmentation.dcm``: the labels as a BINARY DICOM SEG referencing the CT series.
+    dicom_seg_round_trip_exact : bool
+        True when the SEG, read back onto the CT's grid, equals the labels voxel for voxel (with the same names).
     seconds : dict of str to float
-        ``study`` (generate, write and load the DICOM series), ``segment``, ``evaluate``, ``report``, ``total``.
+        ``study`` (generate, write and load the DICOM series), ``segment``, ``dicom_seg`` (write and read back the
+        SEG), ``evaluate``, ``report``, ``total``.
     replaced_earlier : bool
         True when ``folder`` held an earlier demo (or anything, with ``overwrite``) that was replaced.
     """
@@ -104,7 +111,8 @@ class DemoResult:
     lesions: tuple[LesionDetection, ...]
     evaluation: EvaluationResult
     report_html: Path | None
-    dicom_seg_path: None = None
+    dicom_seg_path: Path | None = None
+    dicom_seg_round_trip_exact: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
     replaced_earlier: bool = False
 
@@ -119,8 +127,8 @@ class DemoResult:
             "truth": str(self.study.study.labels_path),
             "segmentation": str(self.labels_path),
             "report_html": None if self.report_html is None else str(self.report_html),
-            "dicom_seg": None,
-            "dicom_seg_note": "not written: medseg has no DICOM SEG writer yet",
+            "dicom_seg": None if self.dicom_seg_path is None else str(self.dicom_seg_path),
+            "dicom_seg_round_trip_exact": self.dicom_seg_round_trip_exact,
             "model": self.segmentation.model,
             "device": self.segmentation.device,
             "grid": {"shape": list(img.shape), "spacing_mm": [round(s, 4) for s in img.spacing_mm],
@@ -179,11 +187,14 @@ def run_demo(
     MedsegError
         If the model cannot be loaded (e.g. ``ModelNotFoundError``, ``ChecksumMismatchError``).
     """
-    from medseg.errors import PhantomError
-    from medseg.inference import Segmenter
-    from medseg.io import save_volume
+    from medseg.errors import PhantomError, WorkflowError
+    from medseg.inference import Segmentation
+    from medseg.io import load_segmentation, load_volume, save_volume
+    from medseg.manifest import Case, Manifest
     from medseg.metrics import evaluate
+    from medseg.models import find_model
     from medseg.phantom import demo_study
+    from medseg.workflow import OutputOptions, RunOptions, run_batch
 
     folder = Path(folder)
     replaced = False
@@ -199,42 +210,51 @@ def run_demo(
         else:
             folder.unlink()
     t0 = time.perf_counter()
-    segmenter = Segmenter(model, device=device)  # fail early (missing or tampered weights) before writing files
+    card = find_model(model)  # fail early (an unknown model) before writing files
+    options = RunOptions(model=model, device=device, outputs=OutputOptions(report=report, image=report, dicom_seg=True))
     study = demo_study(folder / "study", seed=seed, shape=shape, overwrite=overwrite)
     t1 = time.perf_counter()
-    seg = segmenter.segment(study.image)
+    case = Case(f"phantom-{seed}", study.study.image_path, study.study.labels_path)
+    run = run_batch(Manifest((case,), study.study.folder), folder / "results", options)
+    (record,) = run.records
+    if record.state == "failed":
+        raise WorkflowError(f"demo case {case.case_id} failed: {record.error}")
+    case_dir = run.out_dir / case.case_id
+    labels = load_volume(case_dir / "pred.nii.gz")
+    seg = Segmentation(labels, None, card.name, card, record.device or "cpu", dict(record.timings_s))
     labels_path = save_volume(seg.labels, folder / "segmentation.nii.gz")
+    seg_path = folder / "segmentation.dcm"
+    shutil.copyfile(case_dir / "segmentation.dcm", seg_path)
     t2 = time.perf_counter()
+    back = load_segmentation(seg_path, reference=study.image)
+    seg_exact = bool(np.array_equal(back.array, seg.labels.array) and back.labels is not None
+                     and seg.labels.labels is not None and back.labels.names == seg.labels.labels.names)
+    t3 = time.perf_counter()
     truth = study.labels
     if truth.labels is None:
         from medseg.phantom import PHANTOM_LABELS
 
         truth = truth.with_array(truth.array, labels=PHANTOM_LABELS)
     result = evaluate(seg.labels, truth)
-    t3 = time.perf_counter()
     voxel_ml = seg.labels.voxel_volume_ml
     pred_counts = np.bincount(seg.labels.array.ravel(), minlength=256)
     truth_counts = np.bincount(np.asarray(truth.array).astype(np.int64).ravel(), minlength=256)
-    assert seg.labels.labels is not None
+    if seg.labels.labels is None:
+        raise WorkflowError(f"{case_dir / 'pred.nii.gz'}: the runner wrote labels without their label table.")
     rows = []
     for value, lab in seg.labels.labels.items():
         row = result[value]
         rows.append(DemoLabel(value, lab.name, lab.kind, round(float(pred_counts[value] * voxel_ml), 3),
                               round(float(truth_counts[value] * truth.voxel_volume_ml), 3), float(row.dice),
                               float(row.hd95_mm)))
-    report_path = None
-    if report:
-        from medseg.report import write_report
-
-        case = folder / "results" / f"phantom-{seed}"
-        case.mkdir(parents=True, exist_ok=True)
-        save_volume(seg.labels, case / "pred.nii.gz")
-        save_volume(truth, case / "ref.nii.gz")
-        save_volume(study.image, case / "image.nii.gz")
-        report_path = write_report(folder / "results", folder / "report.html", modality="CT",
-                                   title=f"medseg demo: {model} on phantom seed {seed}").html_path
+    report_path = run.report_html
+    timings = record.timings_s
     t4 = time.perf_counter()
-    logger.info("demo: %s segmented in %.1f s", model, t2 - t1)
+    segment_s = float(timings.get("segment", 0.0))
+    logger.info("demo: %s segmented in %.1f s", model, segment_s)
+    # dicom_seg: the runner's write plus this read back onto the CT's grid
+    seconds = {"study": t1 - t0, "segment": segment_s, "dicom_seg": float(timings.get("dicom_seg", 0.0)) + t3 - t2,
+               "evaluate": float(timings.get("metrics", 0.0)),
+               "report": max(0.0, run.seconds - float(timings.get("total", 0.0))), "total": t4 - t0}
     return DemoResult(folder, study, seg, labels_path, tuple(rows), tuple(result.lesions), result, report_path,
-                      None, {"study": t1 - t0, "segment": t2 - t1, "evaluate": t3 - t2, "report": t4 - t3,
-                             "total": t4 - t0}, replaced)
+                      seg_path, seg_exact, seconds, replaced)

@@ -250,6 +250,9 @@ class Segmenter:
     network : callable, optional
         A predictor to use instead of building the card's network (``(B, C, *patch) → (B, out, *patch)``), e.g.
         an analytic function in tests or a model you already hold.
+    trust_bundle_code : bool
+        Run a MONAI bundle's own code (its ``scripts/`` package, expressions outside medseg's restricted set):
+        ``--trust-bundle-code``. Only for bundles from a source you trust.
 
     Raises
     ------
@@ -267,6 +270,7 @@ class Segmenter:
         models_dirs: Sequence[str | Path] = (),
         options: InferenceOptions | None = None,
         network: Callable[..., Any] | None = None,
+        trust_bundle_code: bool = False,
         **option_overrides: Any,
     ) -> None:
         from medseg.models.cards import ModelCard
@@ -277,7 +281,8 @@ class Segmenter:
         if unknown:
             raise TypeError(f"Unknown option(s) {unknown}; options are {sorted(names)}.")
         self.options = replace(options or InferenceOptions(), **option_overrides)
-        self.card: ModelCard = model if isinstance(model, ModelCard) else find_model(model, models_dirs=models_dirs)
+        self.card: ModelCard = model if isinstance(model, ModelCard) else find_model(
+            model, models_dirs=models_dirs, trust_code=trust_bundle_code)
         self._function: Callable[[Volume], Volume] | None = None
         self._nnunet: Any = None
         self._net: Any = None
@@ -291,10 +296,6 @@ class Segmenter:
         self._device = dev
         self._bundle: Any = None
         self.weights_sha256: str | None = None
-        if self.card.kind == "bundle":
-            from medseg.models.bundle import build_bundle
-
-            self._bundle = build_bundle(self.card.bundle, device=dev)
         if self.card.kind == "nnunet":
             from medseg.models.nnunet import NnunetRunner
 
@@ -302,6 +303,10 @@ class Segmenter:
             self._nnunet = NnunetRunner(self.card, device=dev, mirroring=self.options.tta,
                                         tile_step_size=0.5 if overlap is None else 1.0 - overlap)
             return
+        if self.card.kind == "bundle":
+            from medseg.models.bundle import build_bundle
+
+            self._bundle = build_bundle(self.card.bundle, device=dev)
         self._net = network if network is not None else self._load_network()
         if hasattr(self._net, "to") and network is None:
             self._net = self._net.to(dev)
@@ -421,9 +426,14 @@ class Segmenter:
                 logger.warning("probabilities are not returned for MONAI bundles (%s): their postprocessing "
                                "decides the output", self.card.name)
             return self._segment_bundle(volume, t0, progress, cancel)
-        if self._nnunet is not None:
+        if self._nnunet is not None:  # nnU-Net's predictor runs in one call: progress (0, 1) then (1, 1)
             _check_cancel(cancel, self.card.name)
-            return self._segment_nnunet(volume, t0, probabilities)
+            if progress is not None:
+                progress(0, 1)
+            result = self._segment_nnunet(volume, t0, probabilities)
+            if progress is not None:
+                progress(1, 1)
+            return result
         return self._segment_network(volume, t0, probabilities, progress, cancel)
 
     def combine_channels(self, scans: Sequence[Volume | str | Path]) -> Volume:
@@ -800,6 +810,7 @@ def segment(
     model: str | Path | ModelCard,
     models_dirs: Sequence[str | Path] = (),
     probabilities: bool = False,
+    trust_bundle_code: bool = False,
     **options: Any,
 ) -> Segmentation:
     """Segment one volume with one model: ``Segmenter(model, **options).segment(volume)``.
@@ -814,6 +825,8 @@ def segment(
         User folders of cards and bundles.
     probabilities : bool
         Also return per-class probabilities.
+    trust_bundle_code : bool
+        See :class:`Segmenter`.
     **options
         Fields of :class:`InferenceOptions` (device, overlap, amp, tta, skip_empty, ...).
 
@@ -827,4 +840,5 @@ def segment(
     MedsegError
         Subclasses for a model that cannot be found or loaded, or a volume it cannot take.
     """
-    return Segmenter(model, models_dirs=models_dirs, **options).segment(volume, probabilities=probabilities)
+    return Segmenter(model, models_dirs=models_dirs, trust_bundle_code=trust_bundle_code, **options).segment(
+        volume, probabilities=probabilities)

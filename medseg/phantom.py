@@ -740,9 +740,13 @@ def write_phantom_study(
         raise PhantomError(f"format must be 'dicom' or 'nifti', not {format!r}.")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise PhantomError(f"{folder}: exists and is not an empty folder; choose a new folder or overwrite=True (--overwrite).")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise PhantomError(f"{folder}: cannot create the study folder ({exc.strerror or exc}: "
+                           f"{exc.filename or folder.parent}); choose a folder whose parents are folders.") from None
     try:
         if format == "dicom":
             write_dicom_series(phantom.image, tmp / "ct", transfer_syntax=transfer_syntax,  # type: ignore[arg-type]

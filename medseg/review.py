@@ -30,9 +30,12 @@ __all__ = [
     "LabelReviewRow",
     "LabelTally",
     "ReviewStatus",
+    "instance_seams",
     "new_edit",
     "review_record",
 ]
+
+_CHUNK = 1 << 22
 
 ReviewStatus = Literal["not started", "in progress", "done", "flagged"]
 REVIEW_STATUSES: tuple[str, ...] = ("not started", "in progress", "done", "flagged")
@@ -142,9 +145,12 @@ class LabelTally:
         self.sums: np.ndarray = np.zeros(size)
         self.sumsq: np.ndarray = np.zeros(size)
         if image is not None:
-            img = image.ravel().astype(np.float64)
-            self.sums = np.bincount(flat, weights=img, minlength=size)
-            self.sumsq = np.bincount(flat, weights=img * img, minlength=size)
+            img_flat = image.ravel()
+            for start in range(0, flat.size, _CHUNK):  # chunks: float64 weights of a whole CT would be 8 B/voxel
+                lab = flat[start:start + _CHUNK]
+                img = img_flat[start:start + _CHUNK].astype(np.float64)
+                self.sums += np.bincount(lab, weights=img, minlength=size)
+                self.sumsq += np.bincount(lab, weights=img * img, minlength=size)
         self.added = np.zeros(size, dtype=np.int64)
         self.removed = np.zeros(size, dtype=np.int64)
         if proposal is not None:
@@ -333,3 +339,30 @@ def new_edit(tool: str, action: str, label: int | None, changes: Mapping[int, Se
     return EditRecord(tool=tool, action=action, label=label, voxels_changed=voxels,
                       changes={str(v): [int(g), int(lost)] for v, (g, lost) in changes.items()}, time=_now())
 
+
+
+def instance_seams(instances: np.ndarray) -> np.ndarray:
+    """Voxels to clear so that numbered instances (e.g. :func:`medseg.classical.watershed_split`'s) stop touching.
+
+    A voxel of instance ``a`` that has a voxel of a lower-numbered instance among its 26 neighbours is a seam
+    voxel; clearing every seam voxel leaves no two instances 26-connected, so lesion counting (26-connected
+    components) sees each instance as its own lesion.
+
+    Parameters
+    ----------
+    instances : ndarray of int, shape (A, B, C)
+        0 = background, 1..N = instances.
+
+    Returns
+    -------
+    ndarray of bool, shape (A, B, C)
+    """
+    import scipy.ndimage as ndi
+
+    inst = np.asarray(instances)
+    if not inst.any():
+        return np.zeros(inst.shape, dtype=bool)
+    big = int(inst.max()) + 1  # background counts as "higher than any instance"; cval must stay exact in float
+    work = np.where(inst > 0, inst, big).astype(np.int32 if big < 2**31 else np.int64)
+    lowest = ndi.minimum_filter(work, size=3, mode="constant", cval=big)
+    return (inst > 0) & (lowest < work)

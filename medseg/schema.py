@@ -169,6 +169,16 @@ class SchemaReader:
         return kind(value[0]), kind(value[1])
 
 
+def _one_line(exc: BaseException) -> str:
+    """A parser's message on one line (YAML errors quote the offending lines with a caret under them)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        context = getattr(exc, "context", None)
+        return f"{context + ': ' if context else ''}{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
 def read_yaml(path: str | Path, error: type[MedsegError], *, what: str) -> Any:
     """Parse a YAML file (``yaml.safe_load``), raising ``error`` naming ``what`` it should be.
 
@@ -183,4 +193,4 @@ def read_yaml(path: str | Path, error: type[MedsegError], *, what: str) -> Any:
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise error(f"{p}: cannot read the {what} as YAML ({exc}).") from None
+        raise error(f"{p}: cannot read the {what} as YAML ({_one_line(exc)}).") from None

@@ -55,7 +55,7 @@ import numpy as np
 
 from medseg.errors import MedsegError, RecipeError
 from medseg.files import atomic_write_bytes
-from medseg.schema import SchemaReader
+from medseg.schema import SchemaReader, read_yaml
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -423,17 +423,12 @@ def load_recipe(path: str | Path) -> Recipe:
     ModelCardError
         If its ``model`` section is not a valid model card.
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file. Recipes live in workflows/ (e.g. "
                           "workflows/train-phantom-abdomen-ct.yaml).")
-    try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise RecipeError(f"{path}: cannot read the recipe as YAML ({exc}).") from None
+    data = read_yaml(path, RecipeError, what="recipe")  # the one YAML reader: errors on one line
+    text = path.read_text(encoding="utf-8")
     return parse_recipe(data, source=path, base_dir=path.parent.resolve(), text=text)
 
 

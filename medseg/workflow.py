@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from medseg.errors import MedsegError, NotVolumetricError, WorkflowError
-from medseg.files import atomic_path, atomic_write_text, remove_partials, sha256_file
+from medseg.files import atomic_write_text, remove_partials, sha256_file
 from medseg.manifest import Case, Manifest, make_manifest, read_manifest, verify_case
 from medseg.schema import SchemaReader, read_yaml
 
@@ -100,6 +100,10 @@ EXIT_USAGE = 2
 EXIT_FAILED_CASES = 3
 
 STATUS_NAME = "status.json"
+#: Every file the runner may write in a case folder (a redone or failed case loses the ones it did not rewrite,
+#: so neither the report nor a reader ever sees an earlier run's output as this run's).
+CASE_OUTPUTS = ("pred.nii.gz", "pred.labels.json", "image.nii.gz", "segmentation.dcm", "stats.csv", "metrics.csv",
+                "ref.nii.gz", "ref.labels.json")
 RUN_RECORD_NAME = "run.json"
 RECORD_VERSION = 1
 
@@ -117,8 +121,8 @@ class OutputOptions:
         ``pred.nii.gz`` with its label table (always needed by the statistics, metrics and report; when False the
         labels are still written, this only documents that a caller wants them).
     dicom_seg : bool
-        ``segmentation.dcm`` for DICOM inputs (:func:`medseg.io.dicom_seg.write_dicom_seg`); non-DICOM inputs
-        get none and their record says why.
+        ``segmentation.dcm`` for DICOM inputs (:func:`medseg.io.dicom_seg.write_dicom_seg`, with the model's
+        name, version and weights sha256 as the algorithm); non-DICOM inputs get none and their record says why.
     seg_type : {"binary", "labelmap"}
         DICOM SEG type.
     stats : bool
@@ -178,6 +182,8 @@ class RunOptions:
         Dask LocalCluster memory limit per worker (a worker above it is restarted and its case retried).
     include_phi : bool
         Add patient name, ID and birth date to the records and ``statistics.csv``.
+    trust_bundle_code : bool
+        Run a MONAI bundle's own code (``--trust-bundle-code``; see :class:`medseg.inference.Segmenter`).
     """
 
     model: str = "phantom-abdomen-ct"
@@ -196,6 +202,7 @@ class RunOptions:
     retries: int = 2
     memory_limit: str = "4GiB"
     include_phi: bool = False
+    trust_bundle_code: bool = False
 
     def __post_init__(self) -> None:
         if self.executor not in ("local", "dask"):
@@ -217,10 +224,12 @@ class RunOptions:
         WorkflowError
             Naming what is missing and what to do.
         """
-        if self.outputs.dicom_seg and _dicom_seg_writer() is None:
-            raise WorkflowError("DICOM SEG output was asked for (dicom_seg / --dicom-seg) but is not available in "
-                                "this medseg installation yet (medseg.io.dicom_seg.write_dicom_seg is missing); run "
-                                "without it, or update medseg.")
+        if self.outputs.dicom_seg:
+            try:
+                import highdicom  # noqa: F401
+            except ImportError:
+                raise WorkflowError("DICOM SEG output (dicom_seg / --dicom-seg) needs highdicom: pip install "
+                                    "highdicom.") from None
         if self.executor == "dask" or self.scheduler:
             try:
                 import distributed  # noqa: F401
@@ -424,7 +433,7 @@ _MODEL_LOADS = [0]  # models loaded by this process (recorded per case: a worker
 def _segmenter(options: RunOptions) -> Segmenter:
     """The process's Segmenter for these options, loaded once (per process, so once per Dask worker)."""
     key = (options.model, options.models_dirs, options.device, options.fast, options.tta, options.overlap,
-           options.amp, options.torch_threads)
+           options.amp, options.torch_threads, options.trust_bundle_code)
     with _SEGMENTER_LOCK:
         if key not in _SEGMENTERS:
             from medseg.inference import InferenceOptions, Segmenter
@@ -444,7 +453,7 @@ def _segmenter(options: RunOptions) -> Segmenter:
             _SEGMENTERS.clear()  # one model per process
             _MODEL_LOADS[0] += 1
             _SEGMENTERS[key] = Segmenter(options.model, models_dirs=list(options.models_dirs), options=base,
-                                         **changes)
+                                         trust_bundle_code=options.trust_bundle_code, **changes)
         return _SEGMENTERS[key]  # type: ignore[no-any-return]
 
 
@@ -539,33 +548,13 @@ def _failed(case: Case, exc: BaseException, plan: _Plan, digests: Mapping[str, s
                       device=plan.options.device, worker=worker, run_id=plan.run_id, model_loads=_MODEL_LOADS[0])
 
 
-def _write_csv(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
-def _dicom_seg_writer() -> Callable[..., Any] | None:
-    try:
-        from medseg.io import dicom_seg
-    except ImportError:
-        return None
-    return getattr(dicom_seg, "write_dicom_seg", None)
-
-
 def _write_dicom_seg(labels: Volume, image: Volume, path: Path, plan: _Plan) -> None:
-    writer = _dicom_seg_writer()
-    if writer is None:  # checked before the run starts; kept for workers of another medseg build
-        raise WorkflowError("DICOM SEG output is not available in this medseg installation "
-                            "(medseg.io.dicom_seg.write_dicom_seg is missing).")
-    kwargs: dict[str, Any] = {"seg_type": plan.options.outputs.seg_type}
-    try:
-        from medseg.io.dicom_seg import SegAlgorithm  # type: ignore[attr-defined]
+    """DICOM SEG referencing the scan's instances (the writer is atomic itself)."""
+    from medseg.io.dicom_seg import SegAlgorithm, write_dicom_seg
 
-        kwargs["algorithm"] = SegAlgorithm(name=str(plan.model["name"]), version=str(plan.model["version"]),
-                                           weights_sha256=plan.model.get("weights_sha256"))
-    except (ImportError, TypeError, AttributeError):
-        pass
-    with atomic_path(path, keep_suffix=".dcm") as tmp:
-        writer(labels, image, tmp, **kwargs)
+    model = plan.model
+    algorithm = SegAlgorithm(str(model["name"]), str(model["version"]), model.get("weights_sha256"))
+    write_dicom_seg(labels, image, path, seg_type=plan.options.outputs.seg_type, algorithm=algorithm)
 
 
 def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRecord:
@@ -612,15 +601,11 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
                 timings["dicom_seg"] = time.perf_counter() - t
             else:
                 notes.append("no DICOM SEG: the input is not a DICOM series")
-        if plan.sink is not None:
-            t = time.perf_counter()
-            _push(case, folder, plan, notes)
-            timings["push"] = time.perf_counter() - t
         if plan.options.outputs.stats:
             from medseg.stats import volume_stats
 
             t = time.perf_counter()
-            _write_csv(folder / "stats.csv", volume_stats(labels, image).to_csv())
+            atomic_write_text(folder / "stats.csv", volume_stats(labels, image).to_csv())
             written.append("stats.csv")
             timings["stats"] = time.perf_counter() - t
         if loaded.reference is not None:
@@ -631,15 +616,20 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
             if ref.labels is None and labels.labels is not None:
                 ref = ref.with_array(ref.array, labels=labels.labels)
             result = evaluate(labels, ref, resample=not labels.same_grid(ref))
-            _write_csv(folder / "metrics.csv", result.to_csv())
+            atomic_write_text(folder / "metrics.csv", result.to_csv())
             save_volume(ref, folder / "ref.nii.gz")
             written += ["metrics.csv", "ref.nii.gz"]
             if ref.labels is not None:
                 written.append("ref.labels.json")
             timings["metrics"] = time.perf_counter() - t
+        if plan.sink is not None:  # last, so that a case that fails has pushed nothing
+            t = time.perf_counter()
+            _push(case, folder, plan, notes)
+            timings["push"] = time.perf_counter() - t
         phi = _read_phi(image) if plan.options.include_phi else None
         timings["total"] = sum(loaded.timings.get(k, 0.0) for k in ("fetch", "verify", "read")) + (
             time.perf_counter() - t_start)
+        _clear_outputs(folder, keep=written)
         outputs = {name: sha256_file(folder / name) for name in written if (folder / name).is_file()}
         record = CaseRecord(case.case_id, "done", loaded.digests, outputs, {k: round(v, 4) for k, v in timings.items()},
                             notes=tuple(notes), phi=phi, model=dict(plan.model),
@@ -649,6 +639,7 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
             time.perf_counter() - t_start)
         record = _failed(case, exc, plan, loaded.digests, {k: round(v, 4) for k, v in timings.items()}, worker)
+        _clear_outputs(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
@@ -668,6 +659,12 @@ def _push(case: Case, folder: Path, plan: _Plan, notes: list[str]) -> None:
         raise WorkflowError(f"case {case.case_id}: nothing to push: the case has no DICOM SEG (a DICOM series input "
                             "and dicom_seg output are needed).")
     notes.append(plan.sink.push(case.case_id, seg, folder))
+
+
+def _clear_outputs(folder: Path, keep: Sequence[str] = ()) -> None:
+    for name in CASE_OUTPUTS:
+        if name not in keep:
+            (folder / name).unlink(missing_ok=True)
 
 
 def run_case(case: Case, plan: _Plan) -> CaseRecord:
@@ -927,7 +924,7 @@ def run_batch(
 def _find_card(options: RunOptions) -> Any:
     from medseg.models import find_model
 
-    return find_model(options.model, models_dirs=list(options.models_dirs))
+    return find_model(options.model, models_dirs=list(options.models_dirs), trust_code=options.trust_bundle_code)
 
 
 # ---- workflow recipes -----------------------------------------------------------------------------------------

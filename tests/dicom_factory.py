@@ -181,3 +181,89 @@ def make_enhanced_ct(path: Path, n: int = 4, *, step: float = 2.5, origin=(5.0, 
     ds.PerFrameFunctionalGroupsSequence = per_frame
     ds.PixelData = np.stack(frames).astype(np.int16).tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+def _seq_item(**kw) -> Dataset:
+    item = Dataset()
+    for k, v in kw.items():
+        setattr(item, k, v)
+    return item
+
+
+def fieldmap_pixels(volume: int, index: int, rows: int = ROWS, cols: int = COLS) -> np.ndarray:
+    """Stored values of slice ``index`` of volume 0 (magnitude) or 1 (field map): uint16, (rows, cols)."""
+    r, c = np.mgrid[:rows, :cols]
+    if volume == 0:
+        return (200 + 10 * index + 3 * r + c).astype(np.uint16)
+    return (2048 + 40 * (r - rows // 2) - 7 * (c - cols // 2) + index).astype(np.uint16)
+
+
+def make_philips_fieldmap(
+    path: Path, n_slices: int = 32, *, step: float = 3.0, origin=(-40.0, -30.0, 12.0),
+    iop=(1.0, 0.0, 0.0, 0.0, 0.96592583, -0.25881905),
+) -> None:
+    """A Philips-style Enhanced MR Image Storage B0 field map: magnitude + field map (Hz), 2 × ``n_slices`` frames.
+
+    Both volumes sit at the same ``n_slices`` positions (an oblique stack). As Philips writes them, the frames are
+    ordered by the Dimension Index Values (stack, in-stack position, image type): the two volumes interleave, one
+    magnitude and one field-map frame per position, and the positions run in DESCENDING order along the normal. The
+    magnitude has rescale 1/0, the field map (Hz) slope 0.5, intercept -1024 (stored 2048 → 0 Hz).
+    """
+    iop_arr = np.asarray(iop, dtype=float)
+    normal = np.cross(iop_arr[:3], iop_arr[3:])
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_MR
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_MR, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.Modality, ds.Manufacturer, ds.SeriesDescription = "MR", "Philips", "B0 map"
+    ds.PatientName, ds.PatientID = "Test^Fieldmap", "TEST-ID-FM"
+    ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20260101", "120000", 7, 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "MIXED", "NONE"]
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = ROWS, COLS, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.NumberOfFrames = 2 * n_slices
+    ds.AcquisitionDateTime = "20260101120000"
+    ds.DimensionOrganizationSequence = [_seq_item(DimensionOrganizationUID="1.2.826.0.1.3680043.8.498.77")]
+    ds.DimensionIndexSequence = [
+        _seq_item(DimensionOrganizationUID="1.2.826.0.1.3680043.8.498.77", DimensionIndexPointer=0x00209056,
+                  FunctionalGroupPointer=0x00209111),  # StackID in FrameContentSequence
+        _seq_item(DimensionOrganizationUID="1.2.826.0.1.3680043.8.498.77", DimensionIndexPointer=0x00209057,
+                  FunctionalGroupPointer=0x00209111),  # InStackPositionNumber
+        _seq_item(DimensionOrganizationUID="1.2.826.0.1.3680043.8.498.77", DimensionIndexPointer=0x00089007,
+                  FunctionalGroupPointer=0x00189226),  # FrameType in MRImageFrameTypeSequence
+    ]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [_seq_item(PixelSpacing=[0.8, 0.6], SliceThickness=step, SpacingBetweenSlices=step)]
+    shared.PlaneOrientationSequence = [_seq_item(ImageOrientationPatient=[float(v) for v in iop])]
+    shared.MRTimingAndRelatedParametersSequence = [_seq_item(RepetitionTime=20.0, FlipAngle=10.0)]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame, pixels = [], []
+    for k in range(n_slices):
+        in_stack = n_slices - k  # descending along the normal: in-stack position 1 is the highest slice
+        pos = np.asarray(origin) + (n_slices - 1 - k) * step * normal
+        for vol in (0, 1):
+            item = Dataset()
+            item.FrameContentSequence = [_seq_item(StackID="1", InStackPositionNumber=in_stack,
+                                                   DimensionIndexValues=[1, in_stack, vol + 1],
+                                                   FrameAcquisitionDateTime="20260101120000")]
+            item.PlanePositionSequence = [_seq_item(ImagePositionPatient=[float(v) for v in pos])]
+            frame_type = (["ORIGINAL", "PRIMARY", "M_FFE", "M_FFE"] if vol == 0 else
+                          ["ORIGINAL", "PRIMARY", "B0 MAP", "B0_MAP"])
+            item.MRImageFrameTypeSequence = [_seq_item(FrameType=frame_type,
+                                                       ComplexImageComponent="MAGNITUDE" if vol == 0 else "PHASE")]
+            item.MREchoSequence = [_seq_item(EffectiveEchoTime=2.3)]
+            slope, inter = (1.0, 0.0) if vol == 0 else (0.5, -1024.0)
+            item.PixelValueTransformationSequence = [_seq_item(RescaleSlope=slope, RescaleIntercept=inter,
+                                                               RescaleType="US" if vol == 0 else "HZ")]
+            per_frame.append(item)
+            pixels.append(fieldmap_pixels(vol, n_slices - 1 - k))
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.stack(pixels).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)

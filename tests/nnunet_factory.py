@@ -117,12 +117,13 @@ def checkpoint(network: Any, plans: dict[str, Any], dataset: dict[str, Any], fol
 
 def write_fake_nnunet_folder(base: Path, *, folds: Sequence[int | str] = (0,), seed: int = 0,
                              trainer: str = "nnUNetTrainer", mirroring_axes: tuple[int, ...] | None = (0, 1, 2),
-                             checkpoint_name: str = "checkpoint_final.pth", **plans_kwargs: Any) -> Path:
+                             checkpoint_name: str = "checkpoint_final.pth", labels: dict[str, int] | None = None,
+                             **plans_kwargs: Any) -> Path:
     """``base/Dataset901_Fake/<trainer>__nnUNetPlans__3d_fullres`` with one random-weight checkpoint per fold."""
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    plans, dataset = plans_json(**plans_kwargs), dataset_json()
+    plans, dataset = plans_json(**plans_kwargs), dataset_json(labels)
     root = base / "Dataset901_Fake" / f"{trainer}__nnUNetPlans__3d_fullres"
     root.mkdir(parents=True, exist_ok=True)
     (root / "plans.json").write_text(json.dumps(plans, indent=2))

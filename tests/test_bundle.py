@@ -174,3 +174,41 @@ def test_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="not a MONAI bundle"):
         find_model(tmp_path / "empty")
+
+
+def test_nearest_inversion_ties_fall_as_in_monai(tmp_path: Path) -> None:
+    """Input spacing exactly half the bundle's pixdim on every axis (LPS-like signs): half of the input voxel
+    centres lie half-way between two network voxels, and MONAI's float arithmetic decides each tie. The slab
+    inversion repeats that arithmetic (``affine_grid``'s base grid and product), so every voxel still agrees."""
+    from medseg.inference import Segmenter
+    from medseg.io import load_volume, save_volume
+
+    bundle = write_bundle(tmp_path / "ties", "argmax_first")
+    affine = np.diag([-0.8, -0.65, 1.1, 1.0])
+    affine[:3, 3] = [30.0, -12.0, 5.5]
+    path = save_volume(ct_like(shape=(40, 34, 26), affine=affine), tmp_path / "case.nii.gz")
+    reference, _ = run_with_monai(bundle, path, tmp_path / "eval")
+    ours = Segmenter(bundle, device="cpu").segment(load_volume(path)).labels.array
+    assert len(np.unique(reference)) >= 3
+    assert float((ours == reference).mean()) == 1.0
+
+
+def test_slab_grid_is_affine_grid_bit_for_bit() -> None:
+    import torch.nn.functional as F
+
+    from medseg.bundle_inference import _linspace_from_neg_one
+
+    torch.manual_seed(0)
+    theta = torch.randn(1, 3, 4, dtype=torch.float64)
+    d, h, w = 37, 29, 23
+    full = F.affine_grid(theta, [1, 1, d, h, w], align_corners=False)
+    parts = []
+    for d0 in range(0, d, 5):
+        d1 = min(d, d0 + 5)
+        base = torch.empty((1, d1 - d0, h, w, 4), dtype=torch.float64)
+        base[..., 0].copy_(_linspace_from_neg_one(w, False, torch.float64))
+        base[..., 1].copy_(_linspace_from_neg_one(h, False, torch.float64).unsqueeze(-1))
+        base[..., 2].copy_(_linspace_from_neg_one(d, False, torch.float64)[d0:d1].unsqueeze(-1).unsqueeze(-1))
+        base[..., 3].fill_(1)
+        parts.append(base.view(1, -1, 4).bmm(theta.transpose(1, 2)).view(1, d1 - d0, h, w, 3))
+    assert torch.equal(torch.cat(parts, 1), full)

@@ -183,20 +183,64 @@ def test_models_show_prints_what_medseg_runs(tmp_path: Path) -> None:
 
 
 def test_dints_arch_file_loads_weights_only_with_numpy_allowed(tmp_path: Path) -> None:
-    """DiNTS' architecture file holds numpy arrays: torch.load in the config works weights-only with them allowed,
-    and a file holding another pickled object is still refused."""
+    """DiNTS' architecture file holds numpy arrays; the config loads it with ``$torch.load(..., map_location=
+    torch.device('cuda'))``. Through medseg's checked config it loads weights-only with numpy's types allowed, on
+    the CPU; a file holding another pickled object is still refused."""
+    import pickle
+
     import torch
 
-    from medseg.models.bundle import _numpy_safe_globals
+    from medseg.models.bundle import bundle_parser
+    from medseg.models.bundle_safety import select_config
 
-    arch = tmp_path / "arch.pt"
+    arch = tmp_path / "search_code.pt"
     torch.save({"node_a": np.ones((3, 2)), "arch_code_a": np.array([1, 0]), "code_c": np.int64(3)}, arch)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(arch)
-    with torch.serialization.safe_globals(_numpy_safe_globals()):
-        loaded = torch.load(arch)
-    assert loaded["node_a"].shape == (3, 2)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(arch)  # what plain torch.load says
+    raw = {"arch_ckpt_path": str(arch),
+           "arch_ckpt": "$torch.load(@arch_ckpt_path, map_location=torch.device('cuda'))",
+           "node_a": "$torch.from_numpy(@arch_ckpt['node_a'])"}
+    safe = select_config(raw, ["node_a"], source="cfg")
+    node_a = bundle_parser(safe.config).get_parsed_content("node_a")
+    assert isinstance(node_a, torch.Tensor) and node_a.shape == (3, 2)
     evil = tmp_path / "evil.pt"
     torch.save({"x": Path("/tmp")}, evil)
-    with torch.serialization.safe_globals(_numpy_safe_globals()), pytest.raises(Exception, match="Weights only"):
-        torch.load(evil)
+    raw["arch_ckpt_path"] = str(evil)
+    with pytest.raises(RuntimeError, match="Failed to evaluate") as info:
+        bundle_parser(select_config(raw, ["node_a"], source="cfg").config).get_parsed_content("node_a")
+    assert "Weights only load failed" in str(info.value.__cause__)
+
+
+def test_listing_evaluates_nothing(tmp_path: Path) -> None:
+    """An allowed expression that would fail if evaluated (1/0) does not disturb listing or showing the card."""
+    from medseg.models import list_models
+
+    bundle = write_bundle(tmp_path / "models" / "lazy", "unet")
+    cfg_path = bundle / "configs" / "inference.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["preprocessing"]["transforms"][3]["pixdim"] = "$[1 / 0, 1.0, 1.0]"
+    cfg_path.write_text(json.dumps(cfg))
+    listing = list_models(models_dirs=[tmp_path / "models"])
+    assert "lazy" in [c.name for c in listing.cards] and not listing.problems
+    from medseg.errors import ModelCardError
+    from medseg.inference import Segmenter
+
+    with pytest.raises(ModelCardError, match="cannot build 'preprocessing'.*ZeroDivisionError"):
+        Segmenter(bundle, device="cpu")
+
+
+def test_batch_runner_refuses_then_trusts_the_scripts_bundle(tmp_path: Path) -> None:
+    """--trust-bundle-code reaches the batch runner too."""
+    from medseg.io import save_volume
+
+    bundle, marker = _hostile(tmp_path, "scripts")
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    save_volume(ct_like(), cases / "case1.nii.gz")
+    res = runner.invoke(app, ["batch", str(cases), "--model", str(bundle), "--out", str(tmp_path / "out"),
+                              "--device", "cpu", "--quiet", "--no-report", "--no-stats"])
+    assert res.exit_code != 0 and "trust-bundle-code" in res.output and not marker.exists()
+    res = runner.invoke(app, ["batch", str(cases), "--model", str(bundle), "--out", str(tmp_path / "out2"),
+                              "--device", "cpu", "--quiet", "--no-report", "--no-stats", "--trust-bundle-code"])
+    assert res.exit_code == 0, res.output
+    assert marker.exists() and list((tmp_path / "out2").rglob("pred.nii.gz"))

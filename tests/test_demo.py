@@ -27,7 +27,13 @@ def test_demo_writes_labels_on_the_ct_grid(demo) -> None:  # type: ignore[no-unt
     assert np.array_equal(written.array, demo.segmentation.labels.array)
     assert written.labels is not None and written.labels.names[5] == "liver_tumour"
     assert demo.report_html is not None and demo.report_html.read_text().startswith("<!DOCTYPE html>")
-    assert demo.dicom_seg_path is None
+    assert demo.dicom_seg_path is not None and demo.dicom_seg_path.name == "segmentation.dcm"
+    assert demo.dicom_seg_round_trip_exact is True
+    seg = load_volume(demo.dicom_seg_path)  # the SEG's own frame grid: put it on the CT's by world position
+    from medseg.resample import resample_to
+
+    assert np.array_equal(resample_to(seg, demo.study.image, interpolation="nearest").array,
+                          demo.segmentation.labels.array)
 
 
 def test_demo_scores_against_the_phantom_truth(demo) -> None:  # type: ignore[no-untyped-def]
@@ -41,8 +47,9 @@ def test_demo_scores_against_the_phantom_truth(demo) -> None:  # type: ignore[no
     assert {d.name: d.n_ref for d in demo.lesions} == {"liver_tumour": 2, "kidney_tumour": 1}
     data = demo.to_json()
     json.dumps(data, allow_nan=False)
-    assert data["on_input_grid"] is True and data["dicom_seg"] is None
-    assert set(data["seconds"]) == {"study", "segment", "evaluate", "report", "total"}
+    assert data["on_input_grid"] is True and data["dicom_seg"].endswith("segmentation.dcm")
+    assert data["dicom_seg_round_trip_exact"] is True
+    assert set(data["seconds"]) == {"study", "segment", "dicom_seg", "evaluate", "report", "total"}
 
 
 def test_demo_refuses_a_non_empty_folder(tmp_path: Path) -> None:

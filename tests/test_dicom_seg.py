@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import make_enhanced_ct, write_series
 
 from medseg import Volume
 from medseg.errors import (
@@ -29,7 +30,6 @@ from medseg.io import load_segmentation, load_volume, read_seg_info, write_dicom
 from medseg.io.dicom_seg import SegAlgorithm
 from medseg.labels import Label, LabelTable, SegmentCode, standard_segment_code, standard_segment_codes
 from medseg.resample import as_orientation, reorient_to, resample_to
-from tests.dicom_factory import make_enhanced_ct, write_series
 
 DATA = Path(__file__).parent / "data"
 ALGO = SegAlgorithm("test-model", "1.0", "ab" * 32)
@@ -423,19 +423,25 @@ def _sorted_datasets(series: Path) -> list:
     return dss
 
 
-def test_overlapping_segments_need_split(tmp_path: Path, series: Path) -> None:
+def _overlapping_seg(series: Path, path: Path) -> np.ndarray:
+    """A BINARY SEG (written by highdicom directly) whose two segments overlap; returns the masks (k, r, c, 2)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    ct = load_volume(series)
-    dss = _sorted_datasets(series)
     masks = np.zeros((5, 24, 32, 2), dtype=bool)
     masks[:, 2:12, 3:20, 0] = True
     masks[1:4, 8:20, 10:30, 1] = True
     descs = [hd.seg.SegmentDescription(n, name, codes.SCT.AnatomicalStructure, typ, "MANUAL")
              for n, name, typ in ((1, "liver", codes.SCT.Liver), (2, "spleen", codes.SCT.Spleen))]
-    seg = hd.seg.Segmentation(dss, masks, "BINARY", descs, hd.UID(), 9, hd.UID(), 1, "x", "x", "1", "1")
-    seg.save_as(tmp_path / "overlap.dcm")
+    seg = hd.seg.Segmentation(_sorted_datasets(series), masks, "BINARY", descs, hd.UID(), 9, hd.UID(), 1, "x", "x",
+                              "1", "1")
+    seg.save_as(path)
+    return masks
+
+
+def test_overlapping_segments_need_split(tmp_path: Path, series: Path) -> None:
+    ct = load_volume(series)
+    masks = _overlapping_seg(series, tmp_path / "overlap.dcm")
     with pytest.raises(OverlappingSegmentsError, match=r"1 'liver' and 2 'spleen'.*split=True.*--split"):
         load_segmentation(tmp_path / "overlap.dcm", reference=ct)
     split = load_segmentation(tmp_path / "overlap.dcm", reference=ct, split=True)
@@ -564,3 +570,91 @@ def test_phantom_series_segmented_to_seg_reads_back_exactly(tmp_path: Path, segm
     algo_item = pydicom.dcmread(binary).SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algo_item.AlgorithmName == "phantom-abdomen-ct"
     assert segmenter.card.weights.sha256 in str(algo_item.AlgorithmParameters)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------
+def test_cli_info_lists_segments(data_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    seg = data_dir / "dicom_seg_example" / "liver.dcm"
+    res = CliRunner().invoke(app, ["info", str(seg), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["seg_type"] == "BINARY" and data["n_referenced_instances"] == 3
+    assert data["referenced_series_uids"] == ["1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1"]
+    [segment] = data["segments"]
+    assert (segment["number"], segment["label"], segment["voxels"]) == (1, "Liver", 107_098)
+    assert segment["code"]["type"] == ["SRT", "T-62000", "Liver"] and segment["algorithm_type"] == "SEMIAUTOMATIC"
+    res = CliRunner().invoke(app, ["info", str(seg)])
+    assert res.exit_code == 0 and "Liver" in res.stdout and "107098" in res.stdout and "T-62000" in res.stdout
+
+
+def test_cli_convert_both_ways_and_split(tmp_path: Path, series: Path, data_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from medseg.io import save_volume
+
+    runner = CliRunner()
+    folder = data_dir / "dicom_seg_example"
+    res = runner.invoke(app, ["convert", str(folder / "liver.dcm"), str(tmp_path / "liver.nii.gz"), "--reference",
+                              str(folder / "ct_3slice")])
+    assert res.exit_code == 0, res.output
+    truth = load_volume(folder / "liver_seg.nrrd")
+    np.testing.assert_array_equal(load_volume(tmp_path / "liver.nii.gz").array,
+                                  resample_to(truth, load_volume(folder / "ct_3slice"), interpolation="nearest").array)
+    labels = blobs(load_volume(series))
+    save_volume(labels, tmp_path / "labels.nii.gz")
+    res = runner.invoke(app, ["convert", str(tmp_path / "labels.nii.gz"), str(tmp_path / "seg.dcm")])
+    assert res.exit_code == 2 and "--reference" in res.output
+    res = runner.invoke(app, ["convert", str(tmp_path / "labels.nii.gz"), str(tmp_path / "seg.dcm"), "--reference",
+                              str(series)])
+    assert res.exit_code == 2 and "--model" in res.output and "MANUAL" in res.output
+    res = runner.invoke(app, ["convert", str(tmp_path / "labels.nii.gz"), str(tmp_path / "seg.dcm"), "--reference",
+                              str(series), "--model", "phantom-abdomen-ct", "--seg-type", "labelmap"])
+    assert res.exit_code == 0, res.output
+    assert pydicom.dcmread(tmp_path / "seg.dcm").SegmentSequence[1].SegmentationAlgorithmIdentificationSequence[
+        0].AlgorithmName == "phantom-abdomen-ct"
+    res = runner.invoke(app, ["convert", str(tmp_path / "seg.dcm"), str(tmp_path / "back.nii.gz"), "--reference",
+                              str(series)])
+    assert res.exit_code == 0, res.output
+    back = load_volume(tmp_path / "back.nii.gz")
+    np.testing.assert_array_equal(back.array, labels.array)
+    assert back.labels is not None and back.labels.names == TABLE.names  # the sidecar came along
+    masks = _overlapping_seg(series, tmp_path / "overlap.dcm")
+    res = runner.invoke(app, ["convert", str(tmp_path / "overlap.dcm"), str(tmp_path / "o.nii.gz")])
+    assert res.exit_code == 2 and "--split" in res.output
+    res = runner.invoke(app, ["convert", str(tmp_path / "overlap.dcm"), str(tmp_path / "o.nii.gz"), "--split",
+                              "--reference", str(series)])
+    assert res.exit_code == 0, res.output
+    spleen = load_volume(tmp_path / "o_2_spleen.nii.gz")
+    np.testing.assert_array_equal(spleen.array != 0, masks[..., 1].transpose(2, 1, 0))
+    assert spleen.labels is not None and spleen.labels.names == {2: "spleen"}
+    assert (tmp_path / "o_1_liver.nii.gz").is_file()
+
+
+@pytest.mark.slow
+def test_cli_segment_writes_a_seg_for_dicom_input_only(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from medseg.io import save_volume
+    from medseg.phantom import make_phantom, write_phantom_study
+
+    study = write_phantom_study(make_phantom(2, shape=(48, 48, 20)), tmp_path / "study")
+    runner = CliRunner()
+    nifti_ct = save_volume(load_volume(study.image_path), tmp_path / "ct.nii.gz")
+    res = runner.invoke(app, ["segment", str(nifti_ct), "--model", "phantom-abdomen-ct", "--out",
+                              str(tmp_path / "x.dcm")])
+    assert res.exit_code == 2 and "is not DICOM" in res.output
+    res = runner.invoke(app, ["segment", str(study.image_path), "--model", "phantom-abdomen-ct", "--fast", "--out",
+                              str(tmp_path / "seg.dcm"), "--seg-type", "labelmap"])
+    assert res.exit_code == 0, res.output
+    ct = load_volume(study.image_path)
+    back = load_segmentation(tmp_path / "seg.dcm", reference=ct)
+    assert back.labels is not None and set(back.labels.names.values()) <= {
+        "liver", "spleen", "kidney_left", "kidney_right", "liver_tumour", "kidney_tumour"}
+    assert int((back.array == back.labels.value_of("liver")).sum()) > 100
+    assert pydicom.dcmread(tmp_path / "seg.dcm").SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"

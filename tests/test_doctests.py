@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["medseg.schema", "medseg.files", "medseg.manifest"])
+@pytest.mark.parametrize("module", ["medseg.schema", "medseg.files", "medseg.manifest", "medseg.workflow"])
 def test_examples_run(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

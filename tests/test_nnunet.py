@@ -72,6 +72,11 @@ def test_folder_card_from_dataset_json(folder: Path) -> None:
     by_file = load_nnunet_card(folder / "fold_0" / "checkpoint_final.pth")
     assert by_file.ensemble == load_nnunet_card(folder, folds=[0]).ensemble
     assert find_model(str(folder)).kind == "nnunet"
+    from medseg.models.registry import describe_model
+
+    shown = describe_model(card)
+    assert shown["nnunet"]["configuration"] == "3d_fullres" and len(shown["ensemble"]) == 2
+    assert "'nnUNetTrainer' (its code is never imported)" in shown["medseg_runs"]
     assert is_nnunet_path(folder / "fold_0") and not is_nnunet_path(folder.parent)
 
 

@@ -74,3 +74,20 @@ def test_painting_a_block_changes_ml_by_n_voxels_and_the_record_lists_it() -> No
 def test_shapes_must_agree() -> None:
     with pytest.raises(GridMismatchError, match="proposal has shape"):
         LabelTally(np.zeros((2, 3, 4), np.uint8), voxel_volume_ml=1, proposal=np.zeros((4, 3, 2), np.uint8))
+
+
+def test_instance_seams_separate_touching_instances_only() -> None:
+    import cc3d
+
+    from medseg.review import instance_seams
+
+    inst = np.zeros((6, 5, 4), np.uint16)
+    inst[:3] = 1
+    inst[3:] = 2
+    inst[:, 0] = 0
+    seams = instance_seams(inst)
+    assert seams[3:4, 1:].all() and seams.sum() == 4 * 4  # the first layer of instance 2 goes
+    _, n = cc3d.connected_components((inst > 0) & ~seams, connectivity=26, return_N=True)
+    assert n == 2
+    one = (inst > 0).astype(np.uint16)
+    assert not instance_seams(one).any()  # a single instance, touching the array border, has no seam

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from medseg.cli import app
 from medseg.errors import WorkflowError
 from medseg.files import sha256_path
-from medseg.manifest import Case, Manifest, make_manifest
+from medseg.manifest import Manifest, make_manifest
 from medseg.workflow import OutputOptions, RunOptions, load_workflow, parse_workflow, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ MEDSEG = [str(Path(sys.executable).with_name("medseg"))]
 runner = CliRunner()
 
 # Patient data put into the phantom studies; none of it may appear outside DICOM outputs.
-PHI = {"PatientName": "QXDOEPATIENT^JANE^Q", "PatientID": "MRN-8675309", "PatientBirthDate": "19610412"}
+PHI = {"PatientName": "DOE^JANE^Q", "PatientID": "MRN-8675309", "PatientBirthDate": "19610412"}
 SHAPE = (40, 36, 24)
 
 
@@ -207,13 +207,17 @@ def test_patient_data_appears_in_no_log_record_csv_json_or_report(studies: Path,
 
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "out"
-    res = runner.invoke(app, ["batch", str(studies), "--model", "ct-basic", "--out", str(out), "--log-json"])
+    res = runner.invoke(app, ["batch", str(studies), "--model", "ct-basic", "--out", str(out), "--log-json",
+                              "--dicom-seg"])
     assert res.exit_code == 0, res.output
+    import pydicom
+
+    assert pydicom.dcmread(out / "p11" / "segmentation.dcm").PatientID == PHI["PatientID"]  # SEG: by design
     texts = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".dcm"}
     assert {"run.json", "statistics.csv", "metrics.csv", "report.html", "p11/status.json"} <= set(texts)
     everything = b"\n".join(texts.values()) + res.output.encode() + caplog.text.encode()
     for value in PHI.values():
-        for form in {value, value.replace("^", " "), "QXDOEPATIENT", "8675309"}:  # long enough never to occur in base64 figures
+        for form in {value, value.replace("^", " "), "DOE^JANE", "8675309"}:  # long enough not to occur by chance
             assert form.encode() not in everything, form
     # The positive control: with --include-phi the same values do appear (so the search above can fail).
     out2 = tmp_path / "out2"
@@ -241,25 +245,37 @@ def test_rerun_skips_done_cases_and_redoes_changed_ones(tmp_path: Path) -> None:
     # other result options → every case is redone
     changed = RunOptions(model="ct-basic", outputs=OutputOptions(report=False, stats=False))
     assert [r.state for r in run_batch(manifest, tmp_path / "out", changed).records] == ["done", "done"]
+    assert not (tmp_path / "out" / "n1" / "stats.csv").exists()  # no earlier run's output is left to mislead
+    # a case that now fails loses its earlier outputs (the report must not show a stale prediction)
+    (tmp_path / "in" / "n2" / "ct.nii.gz").write_bytes(b"broken")
+    broken = run_batch(make_manifest(tmp_path / "in", checksums=False), tmp_path / "out", changed)
+    assert [r.state for r in broken.records] == ["skipped", "failed"]
+    assert sorted(p.name for p in (tmp_path / "out" / "n2").iterdir()) == ["status.json"]
+    write_phantom_study(make_phantom(2, shape=(32, 30, 20)), tmp_path / "in" / "n2", format="nifti", overwrite=True)
     # a temporary file a killed writer left is removed when a run starts
     (tmp_path / "out" / "n2" / ".pred.nii.gz.1234abcd.partial.nii.gz").write_bytes(b"half")
     run_batch(manifest, tmp_path / "out", changed)
     assert not _partials(tmp_path / "out")
 
 
-def test_dicom_seg_output_says_clearly_when_it_is_not_available(tmp_path: Path) -> None:
-    from medseg.workflow import _dicom_seg_writer
+def test_dicom_seg_for_dicom_inputs_reads_back_as_the_labels(studies: Path, tmp_path: Path) -> None:
+    from medseg.io import load_segmentation, load_volume
+    from medseg.phantom import make_phantom, write_phantom_study
 
-    manifest = Manifest((Case("x", tmp_path / "x.nii.gz"),), tmp_path)
-    options = RunOptions(model="ct-basic", outputs=OutputOptions(dicom_seg=True))
-    if _dicom_seg_writer() is None:
-        with pytest.raises(WorkflowError, match="DICOM SEG output was asked for .* not available"):
-            run_batch(manifest, tmp_path / "out", options)
-        res = runner.invoke(app, ["batch", str(tmp_path), "--model", "ct-basic", "--out", str(tmp_path / "o"),
-                                  "--dicom-seg"])
-        assert res.exit_code == 2 and "not available" in res.output
-    else:
-        pytest.skip("DICOM SEG is available: tests/test_workflow_seg.py covers it")
+    write_phantom_study(make_phantom(4, shape=(30, 28, 20)), tmp_path / "nifti" / "n4", format="nifti")
+    cases = (*make_manifest(studies, checksums=False).cases[:1], *make_manifest(tmp_path / "nifti").cases)
+    manifest = Manifest(cases, Path(os.path.commonpath([studies, tmp_path])))
+    options = RunOptions(model="ct-basic", outputs=OutputOptions(dicom_seg=True, seg_type="labelmap", report=False))
+    result = run_batch(manifest, tmp_path / "out", options)
+    assert result.exit_status == 0
+    dicom_case, nifti_case = result.records
+    assert "segmentation.dcm" in dicom_case.outputs and "segmentation.dcm" not in nifti_case.outputs
+    assert nifti_case.notes == ("no DICOM SEG: the input is not a DICOM series",)
+    pred = load_volume(tmp_path / "out" / "p11" / "pred.nii.gz")
+    seg = load_segmentation(tmp_path / "out" / "p11" / "segmentation.dcm", reference=pred)
+    assert (seg.array == pred.array).all() and seg.labels is not None and pred.labels is not None
+    present = {v: name for v, name in pred.labels.names.items() if (pred.array == v).any()}
+    assert seg.labels.names == present  # a SEG holds the segments that are there
 
 
 def test_shipped_workflow_recipes_parse() -> None:
@@ -269,6 +285,13 @@ def test_shipped_workflow_recipes_parse() -> None:
     for p in batch:
         wf = load_workflow(p)
         assert wf.inputs.exists(), wf.inputs
+    import yaml
+
+    from medseg.workflow import is_training_recipe
+
+    trains = [p for p in recipes if p.name.startswith("train-")]
+    assert trains and all(is_training_recipe(yaml.safe_load(p.read_text())) for p in trains)  # `medseg run` trains
+    assert not any(is_training_recipe(yaml.safe_load(p.read_text())) for p in batch)
     wf = load_workflow(ROOT / "workflows" / "evaluate-phantoms.yaml",
                        overrides=["outputs.folder=/tmp/elsewhere", "executor.kind=dask", "inference.fast=true"])
     assert (wf.out_dir, wf.options.executor, wf.options.fast) == (Path("/tmp/elsewhere"), "dask", True)
@@ -303,6 +326,9 @@ def test_cli_user_errors_print_one_line_and_no_traceback(tmp_path: Path) -> None
     assert "nsd_tolerance_mm (--nsd-tolerance) must be a finite number >= 0" in proc.stderr
     res = runner.invoke(app, ["batch", str(tmp_path / "nothing"), "--model", "ct-basic", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "manifest not found" in res.output
+    for command in ("batch", "run"):
+        assert "Exit status: 0 every case done, 3 finished with failed cases" in " ".join(
+            runner.invoke(app, [command, "--help"], terminal_width=200).output.split())
 
 
 def test_manifest_make_and_check_cli(studies: Path, tmp_path: Path) -> None:

@@ -8,12 +8,13 @@ How a folder becomes one volume, as the careful converters (dcm2niix, SimpleITK/
    - *image frames* of a series;
    - *set aside*, with the reason: files that are not DICOM (no ``DICM`` marker and no parseable header), DICOM
      objects that are not images (a SOP class of segmentations, structured reports, RT objects, presentation
-     states, key objects, encapsulated documents, raw data, DICOMDIR, or no pixel data and nothing of an image),
+     states, key objects, encapsulated documents, raw data, DICOMDIR, or another registered non-image SOP class
+     without pixel data),
      and one-slice series beside a full one that are not slices of it (localizers, scouts; see 4.);
    - *damaged*: a file with the ``DICM`` marker (or a marker a few bits off it) that cannot be parsed, an image
      without pixel data, pixel data shorter than declared, a header value that cannot be parsed, a header that
-     contradicts the rest of its series (see 3.), or a one-slice series that has the geometry of the full series
-     (a slice whose series UID was damaged). A damaged file is an error naming it and what is wrong; with
+     contradicts the rest of its series (see 3.), or a one-slice series that is a slice of the full series
+     (see 4.). A damaged file is an error naming it and what is wrong; with
      ``skip_unreadable=True`` it is left out with a warning naming it, and recorded in
      :attr:`SourceReferences.skipped <medseg.volume.SourceReferences.skipped>`.
 2. **Grouping.** Images are grouped by SeriesInstanceUID. When that UID is blank (anonymisers sometimes blank
@@ -23,9 +24,10 @@ How a folder becomes one volume, as the careful converters (dcm2niix, SimpleITK/
    with all the others — which agree — on image size, pixel format, orientation, pixel spacing, modality,
    rescale slope/intercept or frame of reference, those files are damaged (1.). Other disagreements are an
    :class:`~medseg.errors.InconsistentSeriesError` for the series.
-4. **One-slice series.** A one-slice series beside exactly one multi-slice series is a slice of it (damaged, 1.)
-   when it has that series' orientation, image size and pixel spacing; otherwise it is a localizer or other
-   single image and is set aside, and the multi-slice series loads. ``series_uid=`` loads it on its own.
+4. **One-slice series.** A one-slice series beside a multi-slice series is a slice of it (damaged, 1.) when it
+   lies in that series' slice orientation and its ImageType does not say LOCALIZER (or when it has the series' SOP
+   class and no plane attributes at all); otherwise it is a localizer or other single image and is set aside, and
+   the multi-slice series loads when it is the only one. ``series_uid=`` loads the one-slice series on its own.
 5. **Validation** inside a series: one orientation, one size, one pixel spacing and pixel format
    (:class:`~medseg.errors.InconsistentSeriesError`); no two different instances at one position
    (:class:`~medseg.errors.DuplicateSlicesError` — the same SOP Instance UID seen twice, e.g. a copied file,
@@ -786,7 +788,7 @@ def _reason(exc: MedsegError, path: str) -> str:
     msg = str(exc)
     if msg.startswith(f"{path}: "):
         msg = msg[len(path) + 2:]
-    return msg.replace(" " + _SKIP_HINT, "").strip()
+    return msg.replace(" " + _SKIP_HINT, "").strip().rstrip(".")
 
 
 _FIELDS: tuple[tuple[str, Any], ...] = (

@@ -35,7 +35,6 @@ import hashlib
 import logging
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ __all__ = [
     "is_dicom_seg",
     "load_segmentation",
     "read_seg_info",
+    "save_segment_masks",
     "write_dicom_seg",
 ]
 
@@ -251,10 +251,11 @@ def _plane_grid(planes: Sequence[_Plane], rows: int, columns: int, *, step_mm: f
     return order, LPS_TO_RAS @ lps, (columns, rows, n_k)
 
 
-def _frame_index_map(plane: _Plane, affine: np.ndarray, shape: tuple[int, int, int]) -> tuple[Any, ...] | None:
-    """How a frame's pixels map onto a grid: (row axis, row sign, column axis, column sign, base index), or None
-    when the frame's pixels do not sit on the grid's voxel centres (another orientation, spacing or offset)."""
-    inv = np.linalg.inv(affine)
+def _frame_index_map(plane: _Plane, inv_affine: np.ndarray) -> tuple[int, int, int, int, tuple[int, ...]] | None:
+    """How a frame's pixels map onto a grid (given its inverse affine): (row axis, row sign, column axis, column
+    sign, grid index of pixel (0, 0)), or None when the pixels are not the grid's voxel centres (another
+    orientation, spacing or offset)."""
+    inv = inv_affine
 
     def ijk(r: float, c: float) -> np.ndarray:
         lps = plane.position + c * plane.spacing[1] * plane.row_dir + r * plane.spacing[0] * plane.col_dir
@@ -278,23 +279,36 @@ def _frame_index_map(plane: _Plane, affine: np.ndarray, shape: tuple[int, int, i
     return r_ax, r_sign, c_ax, c_sign, tuple(int(v) for v in np.round(base))
 
 
-def _paste_index(index_map: tuple[Any, ...], frame_shape: tuple[int, int], shape: tuple[int, int, int]
-                 ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, np.ndarray], tuple[int, ...]] | None:
-    """Fancy indices into the grid, the frame's (rows, columns) kept, and the axis order; None if off the grid."""
+def _run(base: int, sign: int, n: int, size: int) -> tuple[slice, slice] | None:
+    """Where ``n`` pixels starting at grid index ``base`` going ``sign`` land inside ``[0, size)``: (grid slice,
+    pixel slice), or None when none do."""
+    idx = base + sign * np.arange(n)
+    keep = np.nonzero((idx >= 0) & (idx < size))[0]
+    if keep.size == 0:
+        return None
+    first, last = int(idx[keep[0]]), int(idx[keep[-1]])
+    grid = slice(first, last + 1) if sign > 0 else slice(first, last - 1 if last > 0 else None, -1)
+    return grid, slice(int(keep[0]), int(keep[-1]) + 1)
+
+
+def _frame_view(array: np.ndarray, index_map: tuple[int, int, int, int, tuple[int, ...]], frame_shape: tuple[int, int]
+                ) -> tuple[np.ndarray, tuple[slice, slice]] | None:
+    """A (rows, columns) view of ``array`` (first 3 axes: the grid) where a frame lands, and the part of the frame
+    it holds (row slice, column slice); None when the frame's plane is outside the grid."""
     r_ax, r_sign, c_ax, c_sign, base = index_map
     p_ax = 3 - r_ax - c_ax
-    if not 0 <= base[p_ax] < shape[p_ax]:
+    if not 0 <= base[p_ax] < array.shape[p_ax]:
         return None
-    r_idx = base[r_ax] + r_sign * np.arange(frame_shape[0])
-    c_idx = base[c_ax] + c_sign * np.arange(frame_shape[1])
-    r_keep = np.nonzero((r_idx >= 0) & (r_idx < shape[r_ax]))[0]
-    c_keep = np.nonzero((c_idx >= 0) & (c_idx < shape[c_ax]))[0]
-    idx: list[np.ndarray] = [np.empty(0, int)] * 3
-    idx[r_ax] = r_idx[r_keep]
-    idx[c_ax] = c_idx[c_keep]
-    idx[p_ax] = np.array([base[p_ax]])
-    perm = tuple(int(a) for a in np.argsort([r_ax, c_ax, p_ax]))
-    return tuple(np.ix_(*idx)), (r_keep, c_keep), perm
+    rows = _run(base[r_ax], r_sign, frame_shape[0], array.shape[r_ax])
+    cols = _run(base[c_ax], c_sign, frame_shape[1], array.shape[c_ax])
+    if rows is None or cols is None:
+        return None
+    index: list[Any] = [None, None, None]
+    index[p_ax], index[r_ax], index[c_ax] = base[p_ax], rows[0], cols[0]
+    view = array[tuple(index)]  # basic indexing: a view, axes in grid order (rows and columns in some order)
+    if r_ax > c_ax:
+        view = view.swapaxes(0, 1)
+    return view, (rows[1], cols[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,13 +464,11 @@ def _labels_on_planes(labels: Volume, planes: Sequence[_Plane], rows: int, colum
     """
     arr = np.asarray(labels.array)
     out = np.zeros((len(planes), rows, columns), dtype=arr.dtype)
+    inv = np.linalg.inv(labels.affine)
     for n, plane in enumerate(planes):
-        index_map = _frame_index_map(plane, labels.affine, labels.shape)
-        paste = None if index_map is None else _paste_index(index_map, (rows, columns), labels.shape)
-        if paste is None or len(paste[1][0]) != rows or len(paste[1][1]) != columns:
-            lps = np.eye(4)
-            lps[:3, 0], lps[:3, 1] = plane.row_dir * plane.spacing[1], plane.col_dir * plane.spacing[0]
-            lps[:3, 2], lps[:3, 3] = plane.normal, plane.position
+        index_map = _frame_index_map(plane, inv)
+        got = None if index_map is None else _frame_view(arr, index_map, (rows, columns))
+        if got is None or got[0].shape != (rows, columns):
             raise GridMismatchError(
                 f"The labels are not on the grid of the source series {where}: source plane {n} (origin "
                 f"{np.round(LPS_TO_RAS[:3, :3] @ plane.position, 3).tolist()} mm RAS) is not a slice of the labels' "
@@ -464,10 +476,28 @@ def _labels_on_planes(labels: Volume, planes: Sequence[_Plane], rows: int, colum
                 "segment output is), or put them there first: medseg.resample.resample_to(labels, scan, "
                 "interpolation='nearest')."
             )
-        ix, _, perm = paste
-        block = arr[ix]  # axes in grid order; bring them to (row, column, plane)
-        out[n] = np.transpose(block, np.argsort(perm))[:, :, 0] if perm != (0, 1, 2) else block[:, :, 0]
+        out[n] = got[0]
     return out
+
+
+def _histogram(arr: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Voxel count of every value of an 8/16-bit unsigned array, in chunks (bincount copies its input to intp)."""
+    flat_len = arr.shape[-1] if arr.ndim else 1
+    counts = np.zeros(max(minlength, 1 << (8 * arr.dtype.itemsize)), dtype=np.int64)
+    planes = arr.reshape(-1, flat_len) if arr.ndim > 1 else arr.reshape(1, -1)
+    step = max(1, (1 << 22) // max(flat_len, 1))
+    for start in range(0, planes.shape[0], step):
+        counts += np.bincount(planes[start:start + step].ravel(), minlength=counts.size)
+    return counts
+
+
+def _values_present(arr: np.ndarray) -> list[int]:
+    """Non-zero values in a label array (a histogram for 8/16-bit unsigned arrays: far faster than a sort)."""
+    if arr.dtype == np.bool_:
+        arr = arr.view(np.uint8)
+    if arr.dtype in (np.uint8, np.uint16):
+        return [int(v) for v in np.nonzero(_histogram(arr))[0] if v != 0]
+    return [int(v) for v in np.unique(arr) if v != 0]
 
 
 def _resolve_code(label: Label, codes: Mapping[str, SegmentCode]) -> SegmentCode | None:
@@ -647,7 +677,8 @@ def write_dicom_seg(
         raise DicomSegError(f"algorithm_type must be AUTOMATIC, SEMIAUTOMATIC or MANUAL, not {algorithm_type!r}.")
     if algorithm_type != "MANUAL" and algorithm is None:
         raise DicomSegError(f"algorithm_type {algorithm_type} needs algorithm=SegAlgorithm(name, version, "
-                            "weights_sha256) naming the model (or algorithm_type='MANUAL' for hand-drawn labels).")
+                            "weights_sha256) naming the model (CLI: --model M), or algorithm_type='MANUAL' for "
+                            "hand-drawn labels (CLI: --algorithm-type MANUAL).")
     out_path = Path(path)
     if not out_path.parent.exists():
         raise UnreadableFileError(f"{out_path}: folder {out_path.parent} does not exist.")
@@ -656,7 +687,7 @@ def write_dicom_seg(
     arr = np.asarray(labels.array)
     if arr.dtype.kind not in "biu" and not (arr.dtype.kind == "f" and np.all(np.mod(arr, 1) == 0)):
         raise DicomSegError(f"labels must hold integer label values, not {arr.dtype} values.")
-    present = [int(v) for v in np.unique(arr) if v != 0]
+    present = _values_present(arr)
     if not present:
         raise EmptySegmentationError("The label map holds no labelled voxel (all 0), so a DICOM SEG would have no "
                                      "segment; nothing was written.")
@@ -665,7 +696,8 @@ def write_dicom_seg(
     table = labels.labels
     if table is None:
         raise SegmentCodeError(f"The label map has no label table, so its values {present[:10]} have no names or "
-                               "codes; attach one (volume.with_array(array, labels=LabelTable(...))).")
+                               "codes; attach one (volume.with_array(array, labels=LabelTable(...))), or put a "
+                               "label table sidecar beside the label file (labels.nii.gz → labels.labels.json).")
     missing = [v for v in present if v not in table]
     if missing:
         raise LabelTableError(f"Label values {missing[:20]} are in the array but not in its label table "
@@ -733,7 +765,7 @@ def write_dicom_seg(
     lut = np.zeros(max(present) + 1, dtype=np.uint16 if max(numbers.values()) > 255 else np.uint8)
     for v, n in numbers.items():
         lut[v] = n
-    pixel_array = lut[values_per_plane.astype(np.int64, copy=False)]
+    pixel_array = lut[values_per_plane]  # any unsigned index type works; no int64 copy of the volume
     src_number = datasets[0].get("SeriesNumber", None)
     try:
         default_number = int(src_number) + 1000 if src_number not in (None, "") else 1000
@@ -763,16 +795,15 @@ def write_dicom_seg(
             content_description=description[:64],
             transfer_syntax_uid=_TRANSFER_SYNTAX[compression],
         )
-    tmp = out_path.with_name(f".{uuid.uuid4().hex[:8]}.tmp.dcm")
+    from medseg.files import atomic_path
+
     try:
-        seg.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, out_path)
+        with atomic_path(out_path, keep_suffix=".dcm") as tmp:
+            seg.save_as(tmp, enforce_file_format=True)
     except MedsegError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFileError(f"{out_path}: could not write ({type(exc).__name__}: {exc}).") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("wrote %s SEG with %d segment(s) over %d source frame(s) to %s", kind.upper(), len(present), len(planes),
              out_path)
     return out_path
@@ -920,7 +951,7 @@ def _frame_masks(dec: _Decoded, f: int) -> list[tuple[int, np.ndarray]]:
     if dec.seg_type == "LABELMAP":
         pad = dec.ds.get("PixelPaddingValue", None)
         out = []
-        for n in np.unique(frame):
+        for n in _values_present(frame) if frame.dtype in (np.uint8, np.uint16) else np.unique(frame).tolist():
             n = int(n)
             if n == 0 or (pad is not None and n == int(pad)) or n not in dec.values:
                 continue
@@ -946,35 +977,58 @@ def _place(dec: _Decoded, affine: np.ndarray, shape: tuple[int, int, int], *, sp
     rows, columns = dec.frames.shape[1:]
     overlaps: set[tuple[int, int]] = set()
     dropped = 0
+    inv = np.linalg.inv(affine)
+    inverse = {v: n for n, v in dec.values.items()}
+    lut = None
+    if dec.seg_type == "LABELMAP" and not split:  # one frame per plane, no overlaps: map numbers to values at once
+        top = max(int(dec.frames.max()), max(dec.numbers)) + 1
+        lut = np.zeros(top, dtype=out.dtype)
+        for n, v in dec.values.items():
+            lut[n] = v
+        pad = dec.ds.get("PixelPaddingValue", None)
+        if pad is not None and 0 <= int(pad) < top:
+            lut[int(pad)] = 0
     for f, plane in enumerate(dec.planes):
+        if lut is not None:
+            index_map = _frame_index_map(plane, inv)
+            if index_map is None:
+                return None
+            vals = lut[dec.frames[f]]
+            got = _frame_view(out, index_map, (rows, columns))
+            if got is None:
+                dropped += int(np.count_nonzero(vals))
+                continue
+            view, (r_keep, c_keep) = got
+            sub = vals[r_keep, c_keep]
+            dropped += int(np.count_nonzero(vals)) - int(np.count_nonzero(sub))
+            np.copyto(view, sub, where=sub != 0)
+            continue
         masks = _frame_masks(dec, f)
         if not masks:
             continue
-        index_map = _frame_index_map(plane, affine, shape)
+        index_map = _frame_index_map(plane, inv)
         if index_map is None:
             return None
-        paste = _paste_index(index_map, (rows, columns), shape)
         for seg, mask in masks:
-            if paste is None:
+            target = out[..., channel[seg]] if split else out
+            got = _frame_view(target, index_map, (rows, columns))
+            if got is None:
                 dropped += int(mask.sum())
                 continue
-            ix, (r_keep, c_keep), perm = paste
-            sub = mask[np.ix_(r_keep, c_keep)]
-            dropped += int(mask.sum()) - int(sub.sum())
-            sub3 = np.transpose(sub[:, :, None], perm)  # (row, column, plane) → grid axis order
+            view, (r_keep, c_keep) = got
+            sub = mask[r_keep, c_keep]
+            if sub.shape != mask.shape:
+                dropped += int(mask.sum()) - int(sub.sum())
             if split:
-                chan = out[..., channel[seg]]  # a view: assigning into it writes the output
-                chan[ix] = chan[ix] | sub3
+                view[sub] = 1
                 continue
             value = dec.values[seg]
-            block = out[ix]
-            clash = block[sub3]
-            if np.any((clash != 0) & (clash != value)):
-                inverse = {v: n for n, v in dec.values.items()}
-                for other in np.unique(clash[(clash != 0) & (clash != value)]):
-                    overlaps.add(tuple(sorted((seg, inverse[int(other)]))))  # type: ignore[arg-type]
-            block[sub3] = value
-            out[ix] = block
+            clash = view[sub]
+            other = (clash != 0) & (clash != value)
+            if np.any(other):
+                for v in np.unique(clash[other]):
+                    overlaps.add(tuple(sorted((seg, inverse[int(v)]))))  # type: ignore[arg-type]
+            view[sub] = value
     if overlaps:
         pairs = ", ".join(f"{a} {dec.items[a].get('SegmentLabel', '')!r} and {b} {dec.items[b].get('SegmentLabel', '')!r}"
                           for a, b in sorted(overlaps))
@@ -987,7 +1041,7 @@ def _place(dec: _Decoded, affine: np.ndarray, shape: tuple[int, int, int], *, sp
     if split:
         counts = {n: int(out[..., channel[n]].sum()) for n in dec.numbers}
     else:
-        hist = np.bincount(out.ravel(), minlength=max(dec.values.values()) + 1)
+        hist = _histogram(out, max(dec.values.values()) + 1)
         counts = {n: int(hist[dec.values[n]]) for n in dec.numbers}
     return out, counts
 
@@ -1110,3 +1164,34 @@ def read_seg_info(seg_path: str | os.PathLike[str]) -> SegInfo:
         n_frames=int(ds.get("NumberOfFrames", 1) or 1),
         segments=tuple(segments),
     )
+
+
+def save_segment_masks(volume: Volume, path: str | os.PathLike[str]) -> list[Path]:
+    """Write a split segmentation (:func:`load_segmentation` with ``split=True``) as one mask file per segment.
+
+    ``labels.nii.gz`` becomes ``labels_<value>_<name>.nii.gz`` for each label of the table (in value order, one
+    per channel); each mask holds the label's value where the segment is, 0 elsewhere, with a one-label table.
+
+    Raises
+    ------
+    DicomSegError
+        If ``volume`` is not a (I, J, K, N) volume with an N-label table.
+    UnsupportedFormatError
+        If ``path`` has a suffix :func:`medseg.io.save_volume` does not write.
+    """
+    from medseg.io.volume_io import WRITE_SUFFIXES, save_volume
+
+    table = volume.labels
+    if volume.array.ndim != 4 or table is None or len(table) != volume.array.shape[3]:
+        raise DicomSegError("save_segment_masks needs the (I, J, K, N) volume that load_segmentation(..., "
+                            "split=True) returns, with one label per channel.")
+    p = Path(path)
+    suffix = next((x for x in WRITE_SUFFIXES if p.name.lower().endswith(x)), p.suffix)
+    stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
+    out = []
+    for c, (value, label) in enumerate(table.items()):
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.name).strip("_") or "segment"
+        mask = np.where(volume.array[..., c] != 0, value, 0).astype(np.uint8 if value < 256 else np.uint16)
+        one = Volume(mask, volume.affine, labels=LabelTable([label]))
+        out.append(save_volume(one, p.with_name(f"{stem}_{value}_{safe}{suffix}")))
+    return out

@@ -57,6 +57,7 @@ __all__ = [
     "build_bundle",
     "bundle_card",
     "bundle_config_path",
+    "bundle_parser",
     "bundle_weights_path",
     "check_md5",
     "is_bundle",
@@ -619,6 +620,42 @@ def _numpy_safe_globals() -> list[Any]:
     return out
 
 
+class _BundleTorch:
+    """``torch`` as a bundle's checked expressions see it: ``torch.load`` is the weights-only loader with numpy's
+    array types allowed and always maps to the CPU (DiNTS bundles write ``map_location=torch.device('cuda')``);
+    ``torch.device('cuda...')`` on a machine without CUDA gives the CPU (medseg moves the network to its own device
+    afterwards). Everything else is torch's."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._torch = torch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._torch, name)
+
+    def load(self, f: Any, map_location: Any = None, weights_only: bool = True) -> Any:
+        if not weights_only:
+            raise UnsafeBundleError("torch.load(weights_only=False) in a bundle config is refused.")
+        with self._torch.serialization.safe_globals(_numpy_safe_globals()):
+            return self._torch.load(f, map_location="cpu", weights_only=True)
+
+    def device(self, spec: Any = "cpu", *args: Any) -> Any:
+        dev = self._torch.device(spec, *args)
+        if dev.type == "cuda" and not self._torch.cuda.is_available():
+            logger.info("bundle asks for %s; no CUDA here, building on the CPU", dev)
+            return self._torch.device("cpu")
+        return dev
+
+
+def bundle_parser(config: Mapping[str, Any], *, extra_globals: Mapping[str, Any] | None = None) -> Any:
+    """MONAI's ConfigParser over a checked config, its expressions seeing numpy and :class:`_BundleTorch`."""
+    from monai.bundle import ConfigParser
+
+    globals_: dict[str, Any] = {"torch": _BundleTorch(), "np": "numpy", "numpy": "numpy", **(extra_globals or {})}
+    return ConfigParser(dict(config), globals=globals_)
+
+
 def build_bundle(spec: BundleSpec, *, device: Any = None) -> BuiltBundle:
     """Instantiate the bundle's network, transforms and inferer from the checked config, once.
 
@@ -632,7 +669,6 @@ def build_bundle(spec: BundleSpec, *, device: Any = None) -> BuiltBundle:
     import copy
 
     import torch
-    from monai.bundle import ConfigParser
 
     config = _replace_io(copy.deepcopy(spec.safe.config))
     net_cfg = config[_NET_KEY]
@@ -646,24 +682,27 @@ def build_bundle(spec: BundleSpec, *, device: Any = None) -> BuiltBundle:
             config[_MERGING_KEY] = _patch_merging_v14()
             logger.warning("%s: written for MONAI %s; SwinUNETR uses the patch-merging order of MONAI <= 1.4 so that "
                            "its weights compute what they were trained to", spec.config_path, spec.monai_version)
-    globals_: dict[str, Any] = {"torch": "torch", "np": "numpy", "numpy": "numpy"}
+    extra: dict[str, Any] = {}
     if spec.trust_code:
-        globals_["monai"] = "monai"
+        extra["monai"] = "monai"
         if spec.scripts_module is not None:
-            globals_["scripts"] = _import_scripts(spec)
+            extra["scripts"] = _import_scripts(spec)
     config["bundle_root"] = str(spec.root)
     if "device" in config:
         config["device"] = torch.device(device) if device is not None else torch.device("cpu")
-    parser = ConfigParser(config, globals=globals_)
+    parser = bundle_parser(config, extra_globals=extra)
 
     def get(key: str) -> Any:
         try:
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
-                return parser.get_parsed_content(key)
+            return parser.get_parsed_content(key)
         except UnsafeBundleError:
             raise
         except Exception as exc:  # noqa: BLE001 - MONAI and bundle code can fail in many ways
-            raise ModelCardError(f"{spec.config_path}: cannot build '{key}' ({type(exc).__name__}: {exc}).") from None
+            root: BaseException = exc
+            while root.__cause__ is not None:  # ConfigParser wraps the bundle's error: name the real one
+                root = root.__cause__
+            text = str(root).strip().splitlines()[0] if str(root).strip() else ""
+            raise ModelCardError(f"{spec.config_path}: cannot build '{key}' ({type(root).__name__}: {text}).") from None
 
     network = get(_NET_KEY)
     pre = _flatten(get(spec.preprocessing_key))
@@ -705,7 +744,6 @@ def bundle_weights_path(spec: BundleSpec) -> Path:
     ModelCardError
         If the path cannot be evaluated.
     """
-    from monai.bundle import ConfigParser
 
     from medseg.models.bundle_safety import split_id
 
@@ -721,8 +759,7 @@ def bundle_weights_path(spec: BundleSpec) -> Path:
         todo += [split_id(r)[0] for r in re.findall(r"@([\w#:]+)", json.dumps(keep[key]))]
     keep["bundle_root"] = str(spec.root)
     try:
-        value = ConfigParser(keep, globals={"torch": "torch", "np": "numpy", "numpy": "numpy"}).get_parsed_content(
-            _LOAD_KEY)
+        value = bundle_parser(keep).get_parsed_content(_LOAD_KEY)
     except Exception as exc:  # noqa: BLE001 - the bundle's expression
         raise ModelCardError(f"{spec.config_path}: cannot evaluate the checkpoint path ({type(exc).__name__}: "
                              f"{exc}).") from None

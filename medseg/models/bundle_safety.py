@@ -13,7 +13,8 @@ the raw JSON/YAML itself and, before handing anything to ``monai.bundle.ConfigPa
 - accepts a ``$`` expression only if its syntax tree uses literals, ``@`` references, arithmetic, comparisons,
   conditionals, subscripts, ``len``/``list``/``range`` and a few other pure builtins, ``torch.device``,
   ``torch.cuda.is_available``, dtype names (``torch.float32``, ``np.uint8``), and lambdas built from those and
-  ``torch.where`` (brats' label mapping); ``torch.load`` only as the weights-only loader;
+  ``torch.where`` (brats' label mapping); ``torch.load`` only as the weights-only loader (DiNTS' architecture
+  file) and ``torch.from_numpy``;
 - refuses ``%`` macros (they read other files), ``_mode_: debug`` and any expression naming a dunder, anywhere
   in the config.
 
@@ -40,7 +41,7 @@ _SAFE_BUILTINS = frozenset({"len", "list", "range", "tuple", "int", "float", "bo
                             "round", "sum", "sorted", "dict"})
 _DTYPES = frozenset({"float16", "float32", "float64", "bfloat16", "half", "float", "double", "int8", "int16",
                      "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool", "bool_", "long", "int"})
-_SAFE_CALLS = frozenset({"torch.device", "torch.cuda.is_available", "torch.where", "torch.load"})
+_SAFE_CALLS = frozenset({"torch.device", "torch.cuda.is_available", "torch.where", "torch.load", "torch.from_numpy"})
 _MODULES = frozenset({"torch", "np", "numpy"})
 #: MONAI transforms medseg never runs from a bundle: it feeds the scan itself and never writes files for a bundle.
 REPLACED_TRANSFORMS = frozenset({"LoadImage", "LoadImaged", "SaveImage", "SaveImaged", "WriteFileMapping",

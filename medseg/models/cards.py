@@ -226,6 +226,19 @@ class ModelCard:
             "weights": None if self.weights is None else {"file": str(self.weights.path), "sha256": self.weights.sha256},
             "ensemble": [{"file": str(w.path), "sha256": w.sha256} for w in self.ensemble],
             "provenance": dict(self.provenance),
+        } | (self._bundle_summary() if self.kind == "bundle" and self.bundle is not None else {})
+
+    def _bundle_summary(self) -> dict[str, Any]:
+        """A bundle runs its own transforms: list those instead of card fields it does not use."""
+        b = self.bundle
+        return {
+            "preprocessing": {"bundle transforms": list(b.preprocessing)},
+            "inference": {"bundle inferer": b.inferer},
+            "postprocessing": {"bundle transforms": list(b.postprocessing)},
+            "weights": {"file": "the bundle's checkpoint loader load_path (medseg models show evaluates it)",
+                        "sha256": self.weights.sha256 if self.weights else None},
+            "bundle": {"config": str(b.config_path), "monai_version": b.monai_version, "licence": b.licence,
+                       "labels_from": b.label_source},
         }
 
 

@@ -208,7 +208,7 @@ def load_nnunet_card(
     WeightsError
         If a requested fold has no checkpoint.
     """
-    from medseg.models.cards import ModelCard, NetworkSpec, WeightsSpec, WindowSpec
+    from medseg.models.cards import ModelCard, NetworkSpec, PreprocessingSpec, WeightsSpec, WindowSpec
 
     given = Path(path)
     root, path_folds, path_ckpt = _split_path(given)
@@ -277,6 +277,7 @@ def load_nnunet_card(
         input_channels=len(channel_names),
         channel_names=channel_names,
         labels=labels,
+        preprocessing=PreprocessingSpec(orientation="RAS" if _READERS[reader] else None),  # nnU-Net does the rest
         inference=WindowSpec(patch_size=tuple(patch) if len(patch) == 3 else (0, 0, 0), overlap=0.5,  # type: ignore[arg-type]
                              blending="gaussian"),
         weights=weights[0],
@@ -496,17 +497,28 @@ class NnunetRunner:
             Label values of ``dataset.json`` on the input grid.
         probabilities : ndarray, shape (I, J, K, classes), float32, or None
         """
+        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
         from medseg.io.convert import itk_array, volume_from_itk_array
         from medseg.resample import as_orientation, reorient_to
 
         work = as_orientation(volume, "RAS") if self._reorient else volume
         array, spacing = itk_array(work)
         image = (array[None] if array.ndim == 3 else array).astype(np.float32)
+        pred = self.predictor
         with contextlib.redirect_stdout(io.StringIO()) as said:
-            out = self.predictor.predict_single_npy_array(image, {"spacing": list(spacing)}, None, None,
-                                                          probabilities)
+            if probabilities or pred.label_manager.has_regions:  # nnU-Net's own conversion, all classes at once
+                out = pred.predict_single_npy_array(image, {"spacing": list(spacing)}, None, None, probabilities)
+                seg, probs = (out[0], out[1]) if probabilities else (out, None)
+            else:  # the same steps as predict_single_npy_array, with a one-class-at-a-time argmax at the end
+                ppa = PreprocessAdapterFromNpy([image], [None], [{"spacing": list(spacing)}], [None],
+                                               pred.plans_manager, pred.dataset_json, pred.configuration_manager,
+                                               num_threads_in_multithreaded=1, verbose=False)
+                dct = next(ppa)
+                del image
+                logits = pred.predict_logits_from_preprocessed_data(dct["data"]).cpu()
+                seg, probs = self._labels_from_logits(logits, dct["data_properties"]), None
         _log_said(said)
-        seg, probs = (out[0], out[1]) if probabilities else (out, None)
         top = max(self.card.labels or [0])
         seg = np.asarray(seg).astype(np.uint8 if top <= 255 else np.uint16, copy=False)
         labels = volume_from_itk_array(seg, work)
@@ -524,6 +536,41 @@ class NnunetRunner:
         else:
             labels_arr = labels.array
         return np.ascontiguousarray(labels_arr), prob_arr
+
+
+    def _labels_from_logits(self, logits: torch.Tensor, properties: Mapping[str, Any]) -> np.ndarray:
+        """nnU-Net's ``convert_predicted_logits_to_segmentation_with_correct_shape`` for softmax models, resampling
+        one class at a time (with nnU-Net's own resampling function) and keeping a running argmax.
+
+        nnU-Net resamples every class's logits to the input grid at once (classes × voxels × 2 bytes, after a
+        float64 copy of all logits); this holds two class maps at a time. Each class goes through the very same
+        function and dtype conversions, and the running argmax keeps the first maximum as ``argmax(0)`` does, so
+        the labels are identical.
+        """
+        from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+        pred = self.predictor
+        pm, cm = pred.plans_manager, pred.configuration_manager
+        shape = properties["shape_after_cropping_and_before_resampling"]
+        spacing_t = [properties["spacing"][i] for i in pm.transpose_forward]
+        current = cm.spacing if len(cm.spacing) == len(shape) else [spacing_t[0], *cm.spacing]
+        best: np.ndarray | None = None
+        seg: np.ndarray | None = None
+        for c in range(logits.shape[0]):
+            one = np.asarray(cm.resampling_fn_probabilities(logits[c:c + 1], shape, current, spacing_t))[0]
+            if best is None:
+                best = one
+                seg = np.zeros(one.shape, dtype=np.uint8 if logits.shape[0] <= 256 else np.uint16)
+                continue
+            better = one > best
+            seg[better] = c  # type: ignore[index]
+            np.maximum(best, one, out=best)
+            del one, better
+        assert seg is not None
+        n_fg = len(pred.label_manager.foreground_labels)
+        full = np.zeros(properties["shape_before_cropping"], dtype=np.uint8 if n_fg < 255 else np.uint16)
+        full = insert_crop_into_image(full, seg, properties["bbox_used_for_cropping"])
+        return np.asarray(full).transpose(pm.transpose_backward)
 
 
 def _log_said(buffer: io.StringIO) -> None:

@@ -2,11 +2,10 @@
 
 Search order for a model *name*: each ``models_dirs`` folder in the order given, then the shipped cards in
 ``medseg/models/shipped/``. A model *path* may be a card (``.yaml``/``.yml``), a MONAI bundle folder in the
-Model Zoo layout (``configs/metadata.json``, ``configs/inference.json|yaml|yml``, the weights its checkpoint loader names; see
-:mod:`medseg.models.bundle`), or
-an nnU-Net v2 result folder (:mod:`medseg.models.nnunet`; also one ``fold_N`` folder or checkpoint in it). A
-``models_dirs`` folder may hold nnU-Net result folders directly or in ``DatasetXXX_Name/`` folders, as nnU-Net's
-``nnUNet_results`` does.
+Model Zoo layout (``configs/metadata.json``, ``configs/inference.json|yaml|yml``, the weights its checkpoint loader
+names; see :mod:`medseg.models.bundle`), or an nnU-Net v2 result folder (:mod:`medseg.models.nnunet`; also one
+``fold_N`` folder or checkpoint in it). A ``models_dirs`` folder may hold nnU-Net result folders directly or in
+``DatasetXXX_Name/`` folders, as nnU-Net's ``nnUNet_results`` does.
 
 Shipped weights sit next to their card in ``medseg/models/shipped/`` (the card's ``weights.file`` is relative to
 the card), so a card and its weights travel together.
@@ -142,8 +141,8 @@ def find_model(
                 return load_bundle(p, trust_code=trust_code)
             raise ModelNotFoundError(
                 f"{p}: a folder was given as the model, but it is not a MONAI bundle (no configs/metadata.json and "
-                "configs/inference.json|yaml|yml) and not an nnU-Net result folder (no plans.json and dataset.json). To use a "
-                "folder of model cards, pass it as --models-dir and the model by name."
+                "configs/inference.json|yaml|yml) and not an nnU-Net result folder (no plans.json and dataset.json). "
+                "To use a folder of model cards, pass it as --models-dir and the model by name."
             )
         if p.is_file():
             if p.suffix.lower() in CARD_SUFFIXES:
@@ -204,7 +203,7 @@ def describe_model(card: ModelCard) -> dict[str, Any]:
     """
     from medseg.models.weights import sha256_file
 
-    info: dict[str, Any] = {} if card.kind == "bundle" else card.summary()
+    info: dict[str, Any] = {} if card.kind in ("bundle", "nnunet") else card.summary()
     info.update({
         "name": card.name,
         "kind": card.kind,
@@ -231,6 +230,23 @@ def describe_model(card: ModelCard) -> dict[str, Any]:
         info["labels_from"] = spec.label_source
         info["medseg_runs"] = spec.will_run()
         info["md5 (large_files.yml)"] = dict(spec.md5) or None
+    if card.kind == "nnunet":
+        from importlib.metadata import PackageNotFoundError, version
+
+        nn = card.provenance.get("nnunet", {})
+        try:
+            info["versions"]["nnunetv2 (installed)"] = version("nnunetv2")
+        except PackageNotFoundError:
+            info["versions"]["nnunetv2 (installed)"] = None
+        info["medseg_runs"] = (
+            f"nnU-Net's own predictor in-process on the {nn.get('configuration')} configuration: its preprocessing "
+            f"(reader order {nn.get('image_reader_writer')}), sliding window and mirroring as the checkpoint allows, "
+            f"folds {nn.get('folds')} ({nn.get('checkpoint')}) averaged; the network built from plans.json. Not run: "
+            f"the trainer class {nn.get('trainer')!r} (its code is never imported), nnU-Net's file writers."
+        )
+        info["nnunet"] = dict(nn)
+        info["ensemble"] = [{"file": str(w.path), "sha256": sha256_file(w.path) if w.path.is_file() else None,
+                             "sha256 (SHA256SUMS)": w.sha256} for w in card.ensemble]
     if weights is not None:
         info["weights"] = {"file": str(weights), "exists": weights.is_file(),
                            "sha256": sha256_file(weights) if weights.is_file() else None,
