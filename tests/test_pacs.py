@@ -354,3 +354,19 @@ def test_watch_cli_polls_and_a_wrong_password_exits_2(pacs: osrv.Orthanc, tmp_pa
     assert json.loads((tmp_path / "w" / "watch.json").read_text()) == {"studies": {}}
     result = runner.invoke(app, ["watch", str(tmp_path), "--model", "ct-basic", "--out", str(tmp_path / "w")])
     assert result.exit_code == 2 and "medseg watch polls a PACS" in result.output, result.output
+
+
+def test_a_folder_batch_pushes_to_a_pacs_with_push_to_and_a_done_case_is_pushed_without_resegmenting(
+        pacs: osrv.Orthanc, phantoms: Path, tmp_path: Path) -> None:
+    local = _local_folder(tmp_path, phantoms, [21], dcmqi=False)
+    _upload(pacs, local / "p21")
+    out = tmp_path / "out"
+    base = ["batch", str(local), "--model", "ct-basic", "--device", "cpu", "--out", str(out), "--quiet", "--no-report",
+            "--dicom-seg"]
+    assert runner.invoke(app, base, env=ENV).exit_code == 0
+    assert pacs.seg_series() == {_study_uid(local / "p21"): []}
+    result = runner.invoke(app, [*base, "--push-to", pacs.dicomweb], env=ENV)
+    assert result.exit_code == 0, result.output
+    [seg] = pacs.seg_files()[_study_uid(local / "p21")]
+    assert seg == (out / "p21" / "segmentation.dcm").read_bytes()  # the SEG of the first run, not a new one
+    assert json.loads((out / "run.json").read_text())["cases"][0]["state"] == "skipped"
