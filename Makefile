@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml .ci/constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned in the same pip command as monai (.ci/constraints.txt): a CPU wheel here, CUDA on GPU hosts.
 	# nnunet pulls timm and a torchvision that does not load beside the CPU torch; medseg never imports them.
-	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[napari,dask,bundle,nnunet,dev]"
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[napari,dask,bundle,nnunet,pacs,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -75,6 +75,21 @@ _SkipOpt = Annotated[bool, typer.Option("--skip-unreadable", help=(
     "Leave damaged files of a DICOM folder out (each named in a warning and recorded) instead of stopping."))]
 
 
+class _OnceFilter(logging.Filter):
+    """Let each distinct log message through once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 @app.command()
 def info(
     path: Annotated[Path, typer.Argument(help="DICOM folder or file, NIfTI, NRRD or MHA.")],
@@ -96,6 +111,8 @@ def info(
         _seg_info(path, as_json)
         return
     loaded, volumes, dicom = None, None, path.is_dir()
+    once = _OnceFilter()  # the folder is read up to three times below: warn about each skipped file once
+    logging.getLogger("medseg.io.dicom").addFilter(once)
     try:
         contents = scan_folder(path, skip_unreadable=skip_unreadable) if path.is_dir() else None
         try:
@@ -114,6 +131,8 @@ def info(
     except MedsegError as exc:
         fail(exc)
         return
+    finally:
+        logging.getLogger("medseg.io.dicom").removeFilter(once)
     data: dict[str, Any] = {"path": str(path)}
     if loaded is not None:
         data.update(_geometry(loaded))
@@ -357,8 +376,9 @@ def segment_cmd(
                              for p in src] if len(src) == 1 else list(src))
         scan = scans[0]
         if to_seg and (len(scans) != 1 or scan.source is None or not scan.source.positions_mm):
-            raise _usage_error(f"{out}: a DICOM SEG references DICOM source images, but {src[0]} is not one DICOM "
-                               "series; write .nii.gz labels instead, or segment the DICOM series.")
+            what = f"{len(scans)} scans were given" if len(scans) != 1 else f"{src[0]} is not DICOM"
+            raise _usage_error(f"{out}: a DICOM SEG references one DICOM source series, but {what}; write .nii.gz "
+                               "labels instead, or segment the DICOM series.")
         card = find_model(model, models_dirs=models_dir or [], trust_code=trust_bundle_code)
         segmenter = Segmenter(card, options=options, **changes)
         result = segmenter.segment(scan if len(scans) == 1 else scans)
@@ -739,9 +759,30 @@ def _present_run(run: Any, *, quiet: bool, log_json: bool) -> Any:
 _EXIT_HELP = "Exit status: 0 every case done, 3 finished with failed cases (count printed), 2 usage or recipe error."
 
 
+# PACS options of `medseg batch` and `medseg watch` (medseg/pacs.py; docs/pacs.md). Credentials never go here.
+_Query = Annotated[list[str] | None, typer.Option("--query", help="Study filter Keyword=value (repeatable): "
+                                                  "ModalitiesInStudy=CT, StudyDate=20240101-20241231, "
+                                                  "StudyInstanceUID=uid1,uid2.")]
+_Series = Annotated[list[str] | None, typer.Option("--series", help="Series rule (repeatable): modality=CT, "
+                                                   "description=REGEX, orientation=axial, thickness=0.5-5, "
+                                                   "min-instances=N.")]
+_Push = Annotated[bool, typer.Option("--push", help="Push each DICOM SEG back to the source PACS (STOW-RS or "
+                                     "C-STORE), verified, once.")]
+_PushTo = Annotated[str | None, typer.Option("--push-to", help="Push each DICOM SEG to this PACS instead.")]
+_Credentials = Annotated[Path | None, typer.Option("--credentials", help="File with one line user:password, "
+                                                   "readable only by its owner (else MEDSEG_PACS_USER + "
+                                                   "MEDSEG_PACS_PASSWORD, or MEDSEG_PACS_TOKEN).")]
+_CaBundle = Annotated[str | None, typer.Option("--ca-bundle", help="PEM file of CA certificates for HTTPS.")]
+_AeTitle = Annotated[str, typer.Option("--ae-title", help="Our DICOM AE title (DIMSE).")]
+_Cache = Annotated[Path | None, typer.Option("--cache", help="Where series are retrieved (default OUT/.pacs-cache).")]
+_Timeout = Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds per PACS request.")]
+_INPUT_HELP = ("A manifest (JSON, CSV, MSD dataset.json), a folder of studies, or a PACS: "
+               "dicomweb+http(s)://HOST[:PORT]/PATH or dimse://AET@HOST:PORT.")
+
+
 @app.command("batch", epilog=_EXIT_HELP)
 def batch_cmd(
-    inputs: Annotated[Path, typer.Argument(help="A manifest (JSON, CSV, MSD dataset.json) or a folder of studies.")],
+    inputs: Annotated[str, typer.Argument(help=_INPUT_HELP)],
     model: Annotated[str, typer.Option("--model", "-m", help="Model name, card file or MONAI bundle folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (OUT/<case_id>/pred.nii.gz, ...).")],
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
@@ -765,23 +806,95 @@ def batch_cmd(
     trust_bundle_code: _TrustCode = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     log_json: Annotated[bool, typer.Option("--log-json", help="One JSON line per event on stdout.")] = False,
+    query: _Query = None,
+    series: _Series = None,
+    push: _Push = False,
+    push_to: _PushTo = None,
+    credentials: _Credentials = None,
+    ca_bundle: _CaBundle = None,
+    ae_title: _AeTitle = "MEDSEG",
+    cache: _Cache = None,
+    timeout: _Timeout = 30.0,
 ) -> None:
-    """Segment every case of a manifest or folder; resumable (a rerun skips done cases); failed cases recorded."""
+    """Segment every case of a manifest, folder or PACS; resumable (a rerun skips done cases); failed cases
+    recorded. With --push each DICOM SEG goes back to the PACS, verified, once."""
+    from medseg.pacs import open_endpoints
     from medseg.workflow import OutputOptions, RunOptions, load_manifest_or_folder, run_batch
 
     try:
+        source, sink = open_endpoints(inputs, cache_dir=cache or out / ".pacs-cache", query=query or [],
+                                      series=series or [], push=push, push_to=push_to, credentials_file=credentials,
+                                      ca_bundle=ca_bundle, ae_title=ae_title, timeout_s=timeout)
         options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
                              fast=fast, tta=tta, torch_threads=torch_threads,
-                             outputs=OutputOptions(dicom_seg=dicom_seg, seg_type=seg_type, stats=stats,  # type: ignore[arg-type]
-                                                   metrics=metrics, report=report),
+                             outputs=OutputOptions(dicom_seg=dicom_seg or sink is not None, seg_type=seg_type,  # type: ignore[arg-type]
+                                                   stats=stats, metrics=metrics, report=report),
                              executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
                              include_phi=include_phi, trust_bundle_code=trust_bundle_code)
         options.check_available()
-        manifest = load_manifest_or_folder(inputs)
+        manifest = source.manifest() if source is not None else load_manifest_or_folder(inputs)
     except MedsegError as exc:
         fail(exc)
         return
-    _present_run(lambda show: run_batch(manifest, out, options, progress=show), quiet=quiet, log_json=log_json)
+    _present_run(lambda show: run_batch(manifest, out, options, progress=show, source=source, sink=sink),
+                 quiet=quiet, log_json=log_json)
+
+
+@app.command("watch", epilog="Exit status: 2 for a usage error or a PACS that refuses our credentials at the "
+             "first poll; 0 when --max-polls is reached.")
+def watch_cmd(
+    source_url: Annotated[str, typer.Argument(metavar="SOURCE", help="dicomweb+http(s)://HOST[:PORT]/PATH or "
+                                              "dimse://AET@HOST:PORT.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name, card file or MONAI bundle folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (+ watch.json, what watch did).")],
+    interval: Annotated[float, typer.Option("--interval", min=0.0, help="Seconds between polls.")] = 30.0,
+    stable: Annotated[float, typer.Option("--stable", min=0.0, help="Seconds without a new instance before a "
+                                          "study is run.")] = 60.0,
+    max_polls: Annotated[int | None, typer.Option("--max-polls", min=1, help="Stop after N polls (default: "
+                                                  "until interrupted).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
+    seg_type: Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")] = "binary",
+    models_dir: _ModelsDir = None,
+    query: _Query = None,
+    series: _Series = None,
+    push: _Push = False,
+    push_to: _PushTo = None,
+    credentials: _Credentials = None,
+    ca_bundle: _CaBundle = None,
+    ae_title: _AeTitle = "MEDSEG",
+    cache: _Cache = None,
+    timeout: _Timeout = 30.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per finished case.")] = False,
+) -> None:
+    """Poll a PACS for new studies; segment each stable one once, write DICOM SEG (and push it with --push);
+    a restart neither repeats nor skips a study."""
+    from medseg.pacs import open_endpoints, watch
+    from medseg.workflow import OutputOptions, RunEvent, RunOptions
+
+    def show(ev: RunEvent) -> None:
+        if ev.kind == "case" and ev.record is not None and not quiet:
+            line = f"{ev.record.case_id}: {ev.record.state}" + (f" ({ev.record.error})" if ev.record.error else "")
+            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    from medseg.errors import OptionError
+    from medseg.pacs import is_pacs_url
+
+    try:
+        if not is_pacs_url(source_url):
+            raise OptionError(f"{source_url}: medseg watch polls a PACS: dicomweb+http(s)://HOST[:PORT]/PATH or "
+                              "dimse://AET@HOST:PORT.")
+        source, sink = open_endpoints(source_url, cache_dir=cache or out / ".pacs-cache", query=query or [],
+                                      series=series or [], push=push, push_to=push_to, credentials_file=credentials,
+                                      ca_bundle=ca_bundle, ae_title=ae_title, timeout_s=timeout)
+        if source is None:  # is_pacs_url said yes above
+            raise OptionError(f"{source_url}: not a PACS address.")
+        options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
+                             outputs=OutputOptions(dicom_seg=True, seg_type=seg_type, report=False))  # type: ignore[arg-type]
+        options.check_available()
+        watch(source, out, options, sink=sink, interval_s=interval, stable_s=stable, max_polls=max_polls,
+              progress=show)
+    except MedsegError as exc:
+        fail(exc)
 
 
 @app.command("run", epilog=_EXIT_HELP)

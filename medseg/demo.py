@@ -188,6 +188,7 @@ def run_demo(
         If the model cannot be loaded (e.g. ``ModelNotFoundError``, ``ChecksumMismatchError``).
     """
     from medseg.errors import PhantomError, WorkflowError
+    from medseg.files import atomic_path
     from medseg.inference import Segmentation
     from medseg.io import load_segmentation, load_volume, save_volume
     from medseg.manifest import Case, Manifest
@@ -224,7 +225,8 @@ def run_demo(
     seg = Segmentation(labels, None, card.name, card, record.device or "cpu", dict(record.timings_s))
     labels_path = save_volume(seg.labels, folder / "segmentation.nii.gz")
     seg_path = folder / "segmentation.dcm"
-    shutil.copyfile(case_dir / "segmentation.dcm", seg_path)
+    with atomic_path(seg_path, keep_suffix=".dcm") as tmp:
+        shutil.copyfile(case_dir / "segmentation.dcm", tmp)
     t2 = time.perf_counter()
     back = load_segmentation(seg_path, reference=study.image)
     seg_exact = bool(np.array_equal(back.array, seg.labels.array) and back.labels is not None

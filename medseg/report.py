@@ -98,7 +98,7 @@ def find_cases(results_dir: str | Path) -> list[CaseFiles]:
         raise ResultsLayoutError(f"{root}: not a folder. Expected RESULTS_DIR/<case_id>/pred.nii.gz (+ ref, image).")
     cases = []
     skipped = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # .pacs-cache
         pred = _find(sub, "pred")
         if pred is None:
             skipped.append(sub.name)

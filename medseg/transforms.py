@@ -17,7 +17,6 @@ interpolation happens. See ``docs/inference.md``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Prepared", "build_preprocessing", "clip_floor", "invert_nearest", "invert_to_input", "label_lookup", "prepare",
-    "resample_slabs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -724,61 +722,3 @@ def to_probabilities(logits: torch.Tensor, output: Literal["softmax", "sigmoid"]
     return logits
 
 
-
-def resample_slabs(
-    values: torch.Tensor,
-    values_affine: np.ndarray,
-    out_affine: np.ndarray,
-    out_shape: tuple[int, ...],
-    *,
-    mode: Literal["bilinear", "nearest"] = "bilinear",
-    padding_mode: Literal["border", "zeros"] = "border",
-    slab_bytes: int = SLAB_BYTES,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Values on one grid sampled at the voxel centres of another, one slab of output slices at a time.
-
-    Each output voxel centre is mapped through ``inv(values_affine) @ out_affine`` to a continuous index of
-    ``values`` and sampled there (trilinear or nearest; border values or zeros outside), in the dtype of
-    ``values``: MONAI's ``SpatialResample`` inverse, without holding the whole output.
-
-    Parameters
-    ----------
-    values : torch.Tensor, shape (C, I', J', K'), float32 or float64
-    values_affine, out_affine : ndarray, shape (4, 4)
-        Voxel index → RAS mm of the two grids.
-    out_shape : tuple of 3 int
-    mode : {"bilinear", "nearest"}
-    padding_mode : {"border", "zeros"}
-    slab_bytes : int
-        Budget of one output slab.
-
-    Yields
-    ------
-    k0, k1 : int
-        The output slices ``[k0, k1)`` along the last axis.
-    slab : torch.Tensor, shape (C, I, J, k1 - k0)
-    """
-    import torch
-    import torch.nn.functional as F
-
-    n_ch = int(values.shape[0])
-    shape = tuple(int(s) for s in values.shape[1:])
-    m = np.linalg.inv(np.asarray(values_affine, dtype=np.float64)) @ np.asarray(out_affine, dtype=np.float64)
-    vol = values.unsqueeze(0)
-    sizes = np.array(shape, dtype=np.float64)
-    denom = torch.from_numpy(np.where(sizes > 1, sizes - 1, 1.0))
-    single = torch.from_numpy(sizes > 1)
-    m_t = torch.from_numpy(m[:3, :3].copy())
-    t_t = torch.from_numpy(m[:3, 3].copy())
-    ii = torch.arange(out_shape[0], dtype=torch.float64)
-    jj = torch.arange(out_shape[1], dtype=torch.float64)
-    base = ii[:, None, None, None] * m_t[:, 0] + jj[None, :, None, None] * m_t[:, 1] + t_t  # (I, J, 1, 3)
-    step = max(1, int(slab_bytes // max(1, n_ch * out_shape[0] * out_shape[1] * values.element_size())))
-    for k0 in range(0, out_shape[2], step):
-        k1 = min(out_shape[2], k0 + step)
-        kk = torch.arange(k0, k1, dtype=torch.float64)
-        q = base + kk[None, None, :, None] * m_t[:, 2]  # (I, J, n, 3) indices (i', j', k') of ``values``
-        g = torch.where(single, 2.0 * q / denom - 1.0, torch.zeros_like(q))
-        grid = g.flip(-1).to(values.dtype).unsqueeze(0)  # grid_sample wants (x=W, y=H, z=D)
-        slab = F.grid_sample(vol, grid, mode=mode, padding_mode=padding_mode, align_corners=True)[0]
-        yield k0, k1, slab

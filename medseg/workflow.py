@@ -421,6 +421,8 @@ class _Plan:
     versions: Mapping[str, str]
     root: Path
     run_id: str = ""
+    source: Any = None  # a medseg.pacs.PacsSource: fetch(case) brings the case's images into its cache first
+    sink: Any = None  # a medseg.pacs.PacsSink: push(case_id, seg_path, folder) sends a finished case's SEG
 
 
 _SEGMENTERS: dict[tuple[Any, ...], Any] = {}
@@ -509,6 +511,10 @@ def _read_case(case: Case, plan: _Plan) -> _Loaded:
 
     loaded = _Loaded(case)
     try:
+        if plan.source is not None:  # a PACS source: retrieve the series into the cache (unless already there)
+            t = time.perf_counter()
+            case = loaded.case = plan.source.fetch(case)
+            loaded.timings["fetch"] = time.perf_counter() - t
         t0 = time.perf_counter()
         loaded.digests = verify_case(case)
         t1 = time.perf_counter()
@@ -560,6 +566,11 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
     if loaded.skipped is not None:
         if loaded.skipped.run_id == plan.run_id:  # a Dask retry of a task whose first try had finished
             return loaded.skipped
+        if plan.sink is not None and plan.sink.pushed(plan.out_dir / case.case_id) is None:
+            try:  # done by an earlier run that did not push (or not here): push its SEG now
+                _push(case, plan.out_dir / case.case_id, plan, [])
+            except Exception as exc:  # noqa: BLE001 - recorded per case; the run goes on
+                return _failed(case, exc, plan, loaded.digests, dict(loaded.timings), worker)
         return replace(loaded.skipped, state="skipped")
     folder = plan.out_dir / case.case_id
     t_start = time.perf_counter()
@@ -611,8 +622,12 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
             if ref.labels is not None:
                 written.append("ref.labels.json")
             timings["metrics"] = time.perf_counter() - t
+        if plan.sink is not None:  # last, so that a case that fails has pushed nothing
+            t = time.perf_counter()
+            _push(case, folder, plan, notes)
+            timings["push"] = time.perf_counter() - t
         phi = _read_phi(image) if plan.options.include_phi else None
-        timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
+        timings["total"] = sum(loaded.timings.get(k, 0.0) for k in ("fetch", "verify", "read")) + (
             time.perf_counter() - t_start)
         _clear_outputs(folder, keep=written)
         outputs = {name: sha256_file(folder / name) for name in written if (folder / name).is_file()}
@@ -635,6 +650,15 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
     log("case %s %s in %.1f s%s", case.case_id, record.state, record.timings_s.get("total", 0.0),
         f": {record.error}" if record.error else "")
     return record
+
+
+def _push(case: Case, folder: Path, plan: _Plan, notes: list[str]) -> None:
+    """Hand the case's SEG to the sink (which pushes it once and verifies it); raises when it cannot."""
+    seg = folder / "segmentation.dcm"
+    if not seg.is_file():
+        raise WorkflowError(f"case {case.case_id}: nothing to push: the case has no DICOM SEG (a DICOM series input "
+                            "and dicom_seg output are needed).")
+    notes.append(plan.sink.push(case.case_id, seg, folder))
 
 
 def _clear_outputs(folder: Path, keep: Sequence[str] = ()) -> None:
@@ -779,6 +803,8 @@ def run_batch(
     options: RunOptions | None = None,
     *,
     progress: Callable[[RunEvent], None] | None = None,
+    source: Any = None,
+    sink: Any = None,
 ) -> RunResult:
     """Segment every case of a manifest; resumable; failed cases are recorded and the run goes on.
 
@@ -792,6 +818,12 @@ def run_batch(
     options : RunOptions, optional
     progress : callable, optional
         Called with a :class:`RunEvent` at the start, after every case and at the end.
+    source : medseg.pacs.PacsSource, optional
+        The PACS the manifest's cases come from (:meth:`~medseg.pacs.PacsSource.manifest`): each case's series is
+        retrieved into the source's cache before it is read.
+    sink : medseg.pacs.PacsSink, optional
+        Push each case's DICOM SEG there, verified and at most once (needs ``outputs.dicom_seg``); a push that
+        fails makes the case fail.
 
     Returns
     -------
@@ -833,7 +865,9 @@ def run_batch(
     card = _segmenter(options).card if options.executor == "local" else _find_card(options)
     import uuid
 
-    plan = _Plan(out, options, _model_identity(card), versions(), manifest.root, uuid.uuid4().hex)
+    if sink is not None and not options.outputs.dicom_seg:
+        raise WorkflowError("pushing to a PACS sends each case's DICOM SEG: turn dicom_seg output on (--dicom-seg).")
+    plan = _Plan(out, options, _model_identity(card), versions(), manifest.root, uuid.uuid4().hex, source, sink)
     for p in remove_partials(out):
         logger.info("removed a temporary file a killed run left: %s", p.relative_to(out))
     cases = manifest.cases
@@ -874,6 +908,7 @@ def run_batch(
         "options": {**asdict(options), "outputs": asdict(options.outputs)},
         "device": next((r.device for r in records if r.device), options.device),
         "counts": {"total": total, **counts},
+        "pacs": {"source": source and source.name, "sink": sink and sink.name},
         "cases": [{"case_id": r.case_id, "state": r.state, "timings_s": dict(r.timings_s), "error": r.error,
                    "worker": r.worker, "model_loads": r.model_loads, **({"phi": dict(r.phi)} if r.phi else {})}
                   for r in records],

@@ -55,6 +55,9 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
     "report": [(["{root}/results", "--out", "{root}/report.html"], "pred")],
     "batch": [(["{manifest}", "--model", "phantom-abdomen-ct", "--out", "{root}/batch"], "manifest")],
     "run": [(["{recipe}"], "recipe")],
+    # a credentials file that others can read is refused before any PACS is contacted
+    "watch": [(["dicomweb+http://127.0.0.1:9/dicom-web", "--model", "ct-basic", "--out", "{root}/watch",
+                "--credentials", "{file}"], "file")],
     "models show": [(["{card}"], "card")],
     "manifest make": [(["{series}", "--out", "{root}/m.json"], "slice")],
     "manifest check": [(["{manifest}"], "manifest")],

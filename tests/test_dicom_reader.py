@@ -202,7 +202,7 @@ def test_uneven_repeats_stay_duplicate_slices(tmp_path):
         load_volume(tmp_path)
 
 
-def test_cli_info_lists_set_aside_skipped_and_volumes(tmp_path, data_dir):
+def test_cli_info_lists_set_aside_skipped_and_volumes(tmp_path, data_dir, caplog):
     from typer.testing import CliRunner
 
     from medseg.cli import app
@@ -213,8 +213,11 @@ def test_cli_info_lists_set_aside_skipped_and_volumes(tmp_path, data_dir):
     paths[0].write_bytes(paths[0].read_bytes()[:-10])
     res = runner.invoke(app, ["info", str(tmp_path / "ct")])
     assert res.exit_code == 2 and str(paths[0]) in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["info", str(tmp_path / "ct"), "--skip-unreadable", "--json"])
+    with caplog.at_level(logging.WARNING, logger="medseg.io.dicom"):
+        res = runner.invoke(app, ["info", str(tmp_path / "ct"), "--skip-unreadable", "--json"])
     assert res.exit_code == 0, res.output
+    warned = [r for r in caplog.records if str(paths[0]) in r.getMessage() and r.levelno == logging.WARNING]
+    assert len(warned) == 1  # named once, though info reads the folder more than once
     data = json.loads(res.stdout[res.stdout.index("{"):])
     assert data["shape"] == [32, 24, 4]
     assert [s["path"] for s in data["skipped"]] == [str(paths[0])] and "truncated" in data["skipped"][0]["reason"]

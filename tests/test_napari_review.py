@@ -20,8 +20,9 @@ from medseg_napari._review import CHANGES_LAYER, ReviewWidget
 from medseg_napari._tools import display_volume
 
 from medseg import Volume, load_volume
-from medseg.classical import region_grow, remove_islands, watershed_split
+from medseg.classical import otsu_in_box, region_grow, remove_islands, watershed_split
 from medseg.phantom import make_phantom
+from medseg.postprocess import largest_component
 from medseg.review import instance_seams
 
 LIVER, SPLEEN, TUMOUR = 1, 2, 5
@@ -160,6 +161,22 @@ def test_tools_change_the_layer_as_the_library_does_and_undo_in_one_step(review)
     assert np.array_equal(layer.data == LIVER, kept > 0) and int(sprinkled.sum() - kept.sum()) == 2
     layer.undo()
     assert int((layer.data == LIVER).sum()) == int((original == LIVER).sum()) + 2
+    widget.propose("largest")  # the same two islands go with "keep the largest component"
+    widget.apply_pending()
+    assert np.array_equal(layer.data == LIVER, largest_component(sprinkled > 0)) and widget.edits[-1].voxels_changed == 2
+    layer.undo()
+    layer.undo()
+    assert np.array_equal(layer.data, original)
+    # Otsu inside a box around the spleen, into label 9 (locked liver voxels are kept)
+    zs, js, is_ = np.nonzero(original == SPLEEN)
+    box = [(int(a.min()) - 1, int(a.max()) + 2) for a in (zs, js, is_)]
+    layer.selected_label = 9
+    widget.set_locked(LIVER, True)
+    change = widget.propose("otsu", box_data=box)
+    widget.apply_pending()
+    otsu = otsu_in_box(display_volume(image.data, meta), box[::-1]).array.transpose(2, 1, 0) > 0
+    assert np.array_equal(layer.data == 9, otsu & (original != LIVER)) and change.add.size > 0
+    widget.set_locked(LIVER, False)
     layer.undo()
     assert np.array_equal(layer.data, original)
     # watershed split of two touching tumour spheres

@@ -362,7 +362,7 @@ def _read_header(path: str) -> _Header | str:
             fh.seek(0)
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             offset = fh.tell()
-            tag = fh.read(4)
+            element = fh.read(12)  # the pixel data element's tag, VR and length, when it is next
             size = os.fstat(fh.fileno()).st_size
     except OSError as exc:
         raise UnreadableFileError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
@@ -392,17 +392,14 @@ def _read_header(path: str) -> _Header | str:
         raise UnreadableFileError(
             f"{path}: corrupt DICOM data set ({type(exc).__name__}: {exc}). {_SKIP_HINT}"
         ) from None
-    has_pixels = tag in _PIXEL_TAGS
+    has_pixels = element[:4] in _PIXEL_TAGS
     if has_pixels and ts in _UNCOMPRESSED_NATIVE:
-        _check_native_length(path, offset, ts, size)
+        _check_native_length(path, element, offset, ts, size)
     return _Header(ds, has_pixels, offset if has_pixels else None)
 
 
-def _check_native_length(path: str, offset: int, ts: str, size: int) -> None:
+def _check_native_length(path: str, head: bytes, offset: int, ts: str, size: int) -> None:
     """Uncompressed pixel data must be as long as declared (a truncated file is damaged, not an image)."""
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        head = fh.read(12)
     implicit = ts == _IMPLICIT_LE
     if len(head) < (8 if implicit else 12):
         raise UnreadableFileError(f"{path}: pixel data is truncated (the file ends inside its header). {_SKIP_HINT}")

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 
 from medseg.display import METADATA_KEY, ras_to_world
 from medseg.errors import MedsegError
+from medseg.files import atomic_write_text
 from medseg.review import REVIEW_STATUSES, EditRecord, LabelTally, new_edit, review_record
 
 __all__ = ["CHANGES_LAYER", "COLUMNS", "PREVIEW_LAYER", "ReviewWidget"]
@@ -90,6 +91,10 @@ class ReviewWidget(QWidget):
         self._lesion_timer.setInterval(250)
         self._lesion_timer.timeout.connect(self._update_lesion_counts)
         self._lesion_counts: dict[int, int] = {}
+        self._choice_timer = QTimer(self)
+        self._choice_timer.setSingleShot(True)
+        self._choice_timer.setInterval(0)
+        self._choice_timer.timeout.connect(self._refresh_choices)
 
         layout = QVBoxLayout(self)
         form = QFormLayout()
@@ -196,7 +201,7 @@ class ReviewWidget(QWidget):
         self.discard_button.clicked.connect(self.discard_pending)
         self.export_button.clicked.connect(self._export_clicked)
         for emitter in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            emitter.connect(lambda _e=None: self._refresh_choices())
+            emitter.connect(lambda _e=None: self._refresh_choices(defer=True))
         self._refresh_choices()
 
     @staticmethod
@@ -217,7 +222,12 @@ class ReviewWidget(QWidget):
             show_error(str(exc))
 
     # ---- layer choice ----------------------------------------------------------------------------------------
-    def _refresh_choices(self) -> None:
+    def _refresh_choices(self, *, defer: bool = False) -> None:
+        """Refill the layer pickers; from a layer-list event, ``defer`` to the next event-loop turn (the list must
+        not change inside its own event, and a plain Labels layer may be swapped for a ReviewLabels one)."""
+        if defer:
+            self._choice_timer.start()  # a child of this widget: it never fires after the widget is gone
+            return
         labels = [layer.name for layer in _labels_layers(self.viewer)]
         images = [layer.name for layer in self.viewer.layers
                   if layer.__class__.__name__ == "Image" and METADATA_KEY in layer.metadata]
@@ -730,16 +740,12 @@ class ReviewWidget(QWidget):
                 raise
             except MedsegError as exc:  # e.g. blank source UIDs or a label without a coded concept: say so
                 seg_note = str(exc)
-        stats_path = out / "statistics.csv"
-        stats_path.write_text(volume_stats(seg, image).to_csv())
+        stats_path = atomic_write_text(out / "statistics.csv", volume_stats(seg, image).to_csv())
         files["statistics"] = str(stats_path)
         record = review_record(self.tally, table=self.table, statuses=self.statuses, edits=self.edits,
                                reviewer=reviewer, started=self.started, model=model, files=files)
         record["dicom_seg_note"] = seg_note
-        record_path = out / "review.json"
-        tmp = record_path.with_name(record_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, record_path)
+        record_path = atomic_write_text(out / "review.json", json.dumps(record, indent=2) + "\n")
         files["review_record"] = str(record_path)
         note = f" DICOM SEG not written: {seg_note}" if seg_note else ""
         self.export_status.setText(f"Exported to {out} (read back and checked).{note}")
