@@ -648,7 +648,8 @@ def test_cli_segment_writes_a_seg_for_dicom_input_only(tmp_path: Path) -> None:
     nifti_ct = save_volume(load_volume(study.image_path), tmp_path / "ct.nii.gz")
     res = runner.invoke(app, ["segment", str(nifti_ct), "--model", "phantom-abdomen-ct", "--out",
                               str(tmp_path / "x.dcm")])
-    assert res.exit_code == 2 and "is not DICOM" in res.output and "ct.nii.gz" in res.output
+    assert res.exit_code == 2 and "DICOM SEG references" in res.output and "is not DICOM" in res.output
+    assert "ct.nii.gz" in res.output
     res = runner.invoke(app, ["segment", str(study.image_path), "--model", "phantom-abdomen-ct", "--fast", "--out",
                               str(tmp_path / "seg.dcm"), "--seg-type", "labelmap"])
     assert res.exit_code == 0, res.output
