@@ -290,7 +290,10 @@ def models_list(
     trust_bundle_code: _TrustCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the models medseg can run (bundles are read and checked, never run)."""
+    """List the models medseg can run (bundles are read and checked, never run).
+
+    Models that cannot be read or are refused (a damaged card, an unsafe bundle) are named on stderr after the
+    listing of the rest, and the exit status is then 2."""
     from medseg.models import list_models
 
     try:
@@ -300,14 +303,16 @@ def models_list(
         return
     if as_json:
         print_json({"models": [c.summary() for c in listing.cards], "problems": list(listing.problems)})
-        return
-    table = Table("name", "version", "kind", "modality", "labels", "origin")
-    for c in listing.cards:
-        table.add_row(c.name, c.version, c.kind, "/".join(c.modality) or "-",
-                      ", ".join(c.labels.names.values()) if c.labels else "-", c.origin)
-    console.print(table)
+    else:
+        table = Table("name", "version", "kind", "modality", "labels", "origin")
+        for c in listing.cards:
+            table.add_row(c.name, c.version, c.kind, "/".join(c.modality) or "-",
+                          ", ".join(c.labels.names.values()) if c.labels else "-", c.origin)
+        console.print(table)
     for problem in listing.problems:
         err_console.print(f"[yellow]skipped:[/] {problem}", highlight=False, soft_wrap=True)
+    if listing.problems:
+        raise typer.Exit(2)
 
 
 @models_app.command("show")

@@ -108,8 +108,9 @@ def test_hostile_bundles_refused_by_list_show_segment(tmp_path: Path, how: str) 
     bundle, marker = _hostile(tmp_path, how)
     scan = save_volume(ct_like(), tmp_path / "case.nii.gz")
     res = runner.invoke(app, ["models", "list", "--models-dir", str(tmp_path / "models"), "--json"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 2, res.output  # the rest is listed, the refused bundle named, and the status says so
     listing = json.loads(res.stdout)
+    assert "ct-basic" in [m["name"] for m in listing["models"]]
     assert bundle.name not in [m["name"] for m in listing["models"]]
     assert any(bundle.name in p and "trust-bundle-code" in p for p in listing["problems"]), listing["problems"]
     res = runner.invoke(app, ["models", "show", str(bundle)])
