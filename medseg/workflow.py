@@ -26,9 +26,10 @@ Guarantees:
 - a failing case (missing file, checksum mismatch, unreadable or truncated DICOM, several series and none
   chosen, a 2D image, a model error) is recorded with its error and the run goes on;
 - the model is loaded once per process (per Dask worker); in-process, the next case is read in a background
-  thread while the current one is segmented (``prefetch``). A thread in the process means the DICOM loader
-  decodes compressed series serially (its forked parallel decode needs a single-threaded process), so
-  ``prefetch=False`` is the choice for few large compressed series;
+  thread while the current one is segmented (``prefetch``). The DICOM loader's forked parallel decode of
+  compressed series needs a single-threaded process, so the runner says which it wants instead of letting the
+  loader find out: ``decode_workers=1`` (serial) when it reads in the prefetch thread or in a Dask worker, the
+  loader's automatic choice with ``prefetch=False`` in-process (the choice for few large compressed series);
 - privacy: logs, records, CSV/JSON and the report name cases by ``case_id`` only. Patient name, ID and birth
   date are never read, except with ``include_phi=True``, which adds them to the status and run records and to
   ``statistics.csv`` (DICOM SEG objects carry the patient module by design).
@@ -522,7 +523,9 @@ def _read_case(case: Case, plan: _Plan) -> _Loaded:
         loaded.skipped = _already_done(plan.out_dir / case.case_id, loaded.digests, plan)
         if loaded.skipped is not None:
             return loaded
-        image = load_volume(case.image, series_uid=case.series_uid)
+        # Explicit, not found out by the loader: no forked decode from the prefetch thread or a Dask worker.
+        in_thread = plan.options.executor == "dask" or plan.options.prefetch
+        image = load_volume(case.image, series_uid=case.series_uid, decode_workers=1 if in_thread else None)
         if image.array.ndim != 3 or min(image.shape) < 2:
             raise NotVolumetricError(
                 f"case {case.case_id}: the image has shape {tuple(image.array.shape)}; a 3D volume with at least 2 "

@@ -1287,23 +1287,29 @@ def _fork_is_safe() -> bool:
     return threading.active_count() == 1 and threading.current_thread() is threading.main_thread()
 
 
-def _parallel_decode(frames: Sequence[_Frame]) -> dict[str, np.ndarray]:
+def _parallel_decode(frames: Sequence[_Frame], workers: int | None = None) -> dict[str, np.ndarray]:
     """Decode a compressed single-frame series in forked worker processes, when that is safe and worth it.
 
     The JPEG 2000 / JPEG-LS decoders hold the GIL, so threads do not help. Forking is only safe in a
     process without other Python threads (see :func:`_fork_is_safe`); otherwise, and for small series, the caller
     decodes serially. Forked workers never re-import ``__main__``, so scripts need no ``if __name__ == "__main__"`` guard.
+    ``workers``: None decides as above (up to 8 processes); 1 never forks; N > 1 forks up to N processes and, where
+    forking is not safe, decodes serially with a logged warning (never silently).
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     compressed = frames[0].transfer_syntax not in _UNCOMPRESSED_NATIVE
-    if (not compressed or cpus < 2 or len(frames) < PARALLEL_DECODE_MIN_SLICES
-            or any(f.frame is not None for f in frames) or "fork" not in multiprocessing.get_all_start_methods()
-            or not _fork_is_safe()):
+    if workers == 1 or (not compressed or cpus < 2 or len(frames) < PARALLEL_DECODE_MIN_SLICES
+                        or any(f.frame is not None for f in frames)):
         return {}
-    workers = min(cpus, 8)
+    if "fork" not in multiprocessing.get_all_start_methods() or not _fork_is_safe():
+        if workers is not None:
+            log.warning("decode_workers=%d asked for, but forking is not safe here (other threads run, or no fork "
+                        "start method): decoding %d compressed slices serially", workers, len(frames))
+        return {}
+    workers = min(cpus, 8) if workers is None else workers
     paths = [f.path for f in frames]
     n_chunks = min(len(paths), workers * 4)
     chunks = [paths[i::n_chunks] for i in range(n_chunks)]
@@ -1348,7 +1354,7 @@ def _pixels(frame: _Frame, cache: dict[str, np.ndarray], out: np.ndarray | None 
 
 
 def _build_volume(frames: list[_Frame], where: str, *, volume: int | None = None,
-                  skipped: tuple[SkippedFile, ...] = ()) -> Volume:
+                  skipped: tuple[SkippedFile, ...] = (), decode_workers: int | None = None) -> Volume:
     _check_consistent(frames, where)
     frames = _dedupe(frames, where)
     first = frames[0]
@@ -1366,7 +1372,7 @@ def _build_volume(frames: list[_Frame], where: str, *, volume: int | None = None
     if first.pixel_spacing is None:
         log.warning("%s: no PixelSpacing; assuming 1 mm pixels", where)
     modality = first.modality or None
-    cache: dict[str, np.ndarray] = _parallel_decode(frames)
+    cache: dict[str, np.ndarray] = _parallel_decode(frames, decode_workers)
     raw0 = _pixels(frames[0], cache)
     raw = np.empty((len(frames), first.rows, first.columns), dtype=raw0.dtype)
     raw[0] = raw0
@@ -1406,7 +1412,7 @@ def _chosen_series(folder: Path, series_uid: str | None, skip_unreadable: bool
 
 
 def load_dicom_series(folder: str | Path, *, series_uid: str | None = None, volume: int | None = None,
-                      skip_unreadable: bool = False) -> Volume:
+                      skip_unreadable: bool = False, decode_workers: int | None = None) -> Volume:
     """Load one image series from a folder of DICOM files (any names, subfolders included).
 
     Parameters
@@ -1419,6 +1425,8 @@ def load_dicom_series(folder: str | Path, *, series_uid: str | None = None, volu
         Which volume (from 0, see :func:`list_volumes`) of a series holding several at the same positions.
     skip_unreadable : bool
         Leave damaged files out with a warning (recorded in ``volume.source.skipped``) instead of failing.
+    decode_workers : int, optional
+        Processes that decode a compressed series (see :func:`medseg.io.load_volume`).
 
     Returns
     -------
@@ -1433,7 +1441,7 @@ def load_dicom_series(folder: str | Path, *, series_uid: str | None = None, volu
     """
     folder = Path(folder)
     chosen, where, skipped = _chosen_series(folder, series_uid, skip_unreadable)
-    return _build_volume(chosen.frames, where, volume=volume, skipped=skipped)
+    return _build_volume(chosen.frames, where, volume=volume, skipped=skipped, decode_workers=decode_workers)
 
 
 def _file_frames(path: Path) -> list[_Frame]:

@@ -14,6 +14,7 @@ from medseg.errors import (
     LabelTableError,
     MedsegError,
     MultipleVolumesError,
+    OptionError,
     UnreadableFileError,
     UnsupportedFormatError,
 )
@@ -138,6 +139,7 @@ def load_volume(
     modality: str | None = None,
     volume: int | None = None,
     skip_unreadable: bool = False,
+    decode_workers: int | None = None,
 ) -> Volume:
     """Load a scan or label map, on its own world grid.
 
@@ -155,6 +157,11 @@ def load_volume(
     skip_unreadable : bool
         DICOM folders: leave damaged files out, each named in a logged warning and recorded in
         ``volume.source.skipped``, instead of failing on the first one.
+    decode_workers : int, optional
+        DICOM folders with a compressed series: how many forked processes decode it. None (default) forks up to 8
+        when that is safe (no other Python thread in the process) and worth it, else decodes serially; 1 never
+        forks (what the batch runner passes when it reads in a background thread or a Dask worker); N > 1 asks for
+        N and logs a warning when forking is not safe. The voxels are the same whichever is used.
 
     Returns
     -------
@@ -174,8 +181,12 @@ def load_volume(
     p = Path(path)
     if volume is not None and (isinstance(volume, bool) or not isinstance(volume, int) or volume < 0):
         raise MultipleVolumesError(f"{p}: volume must be a whole number from 0, not {volume!r}.")
+    if decode_workers is not None and (isinstance(decode_workers, bool) or not isinstance(decode_workers, int)
+                                       or decode_workers < 1):
+        raise OptionError(f"{p}: decode_workers must be a whole number from 1 (or None), not {decode_workers!r}.")
     try:
-        loaded = _load(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
+        loaded = _load(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable,
+                       decode_workers=decode_workers)
     except MedsegError as exc:
         raise _with_path(exc, p) from None
     if modality is not None and loaded.modality is None:
@@ -193,13 +204,15 @@ def _one_volume(volume: Volume, p: Path, index: int | None) -> Volume:
     return Volume(volume.array[..., index], volume.affine, modality=volume.modality, source=volume.source)
 
 
-def _load(p: Path, *, series_uid: str | None, volume: int | None, skip_unreadable: bool) -> Volume:
+def _load(p: Path, *, series_uid: str | None, volume: int | None, skip_unreadable: bool,
+          decode_workers: int | None = None) -> Volume:
     from medseg.io import dicom
 
     if not p.exists():
         raise UnreadableFileError(f"{p}: no such file or folder.")
     if p.is_dir():
-        return dicom.load_dicom_series(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable)
+        return dicom.load_dicom_series(p, series_uid=series_uid, volume=volume, skip_unreadable=skip_unreadable,
+                                       decode_workers=decode_workers)
     if series_uid is not None:
         log.warning("%s: series_uid is ignored for a single file", p)
     if _suffix(p, _NIFTI):
