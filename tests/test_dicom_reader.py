@@ -231,3 +231,16 @@ def test_cli_info_lists_set_aside_skipped_and_volumes(tmp_path, data_dir, caplog
     res = runner.invoke(app, ["convert", str(tmp_path / "fm.dcm"), str(out), "--volume", "1"])
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(load_volume(out).array, load_volume(tmp_path / "fm.dcm", volume=1).array)
+
+
+def test_series_info_carries_the_series_number_as_stored() -> None:
+    from pathlib import Path
+
+    from medseg.io import list_series
+
+    data = Path(__file__).parent / "data"
+    (ct,) = list_series(data / "dicom_seg_example" / "ct_3slice")
+    stored = pydicom.dcmread(data / "dicom_seg_example" / "ct_3slice" / "01.dcm", stop_before_pixels=True).SeriesNumber
+    assert ct.series_number == int(stored)
+    (blank,) = list_series(data / "totalseg_example" / "example_ct_dicom")  # SeriesNumber present but empty
+    assert blank.series_number is None

@@ -132,6 +132,8 @@ class SeriesInfo:
         Image frames in the series (files, or frames of multi-frame files).
     files : tuple of str
         The files of the series, in discovery order.
+    series_number : int or None
+        SeriesNumber as stored in the series' first image (None when absent or blank).
     """
 
     key: str
@@ -140,6 +142,7 @@ class SeriesInfo:
     modality: str
     n_slices: int
     files: tuple[str, ...] = field(repr=False)
+    series_number: int | None = None
 
     def describe(self) -> str:
         """One line for listings."""
@@ -694,7 +697,17 @@ class _Series:
             modality=self.frames[0].modality,
             n_slices=len(self.frames),
             files=tuple(self.files),
+            series_number=_series_number(self.frames[0].ds),
         )
+
+
+def _series_number(ds: Any) -> int | None:
+    """SeriesNumber as a whole number, or None when absent, blank or unreadable (it only names the series)."""
+    text = _safe_str(ds, "SeriesNumber")
+    try:
+        return int(float(text)) if text else None
+    except ValueError:
+        return None
 
 
 @dataclass

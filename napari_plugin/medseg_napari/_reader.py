@@ -82,6 +82,8 @@ def _read_one(path: Path) -> list[LayerData]:
             _notify_error(f"{path}: no DICOM image series in this folder (DICOM SEG and reports are not images).")
         for info in series:
             label = info.description or info.modality or path.name
+            if info.series_number is not None:
+                label = f"{label} #{info.series_number}"  # the series number radiologists call it by
             name = f"{label} ({info.n_slices} slices)" if len(series) == 1 else f"{label} [{info.key[-8:]}]"
             try:
                 volume = load_volume(path, series_uid=info.key if len(series) > 1 else None)
