@@ -23,7 +23,6 @@ machine's memory; Dask workers also get a 2 GiB memory limit each.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,16 +32,7 @@ import time
 from pathlib import Path
 
 import psutil
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
 
 
 def run_tree(cmds: list[list[str]], max_gib: float) -> tuple[float, float]:

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
+
 HERE = Path(__file__).resolve()
 
 
@@ -211,8 +213,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.bundle, args.image, args.out, args.cap_gb, args.report)
         return
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; cap per run: RLIMIT_AS "
           f"{args.cap_gb:g} GiB")
     rows = []

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
+
 CASES = (("binary", None), ("binary", "jpeg2000"), ("labelmap", None), ("labelmap", "jpegls"))
 _TS = {None: "1.2.840.10008.1.2.1", "jpeg2000": "1.2.840.10008.1.2.4.90", "jpegls": "1.2.840.10008.1.2.4.80"}
 
@@ -149,7 +151,7 @@ def main() -> None:
         n_labels = len({int(v) for v in phantom.labels.array.ravel()[:: 97]} - {0})
         del phantom
         print(f"phantom {shape} written in {time.perf_counter() - t0:.1f} s; CPU: {platform.processor() or '?'} "
-              f"({_cpu_name()}), {os.cpu_count()} logical CPUs; labels seen in a sample: {n_labels}")
+              f"({cpu_name()}), {os.cpu_count()} logical CPUs; labels seen in a sample: {n_labels}")
         rows = []
         for seg_type, comp in CASES:
             result = {}
@@ -184,16 +186,6 @@ def main() -> None:
                   f"{m['size_mb'] / h['size_mb']:>9.2f}{m['write_peak_mb'] / max(h['write_peak_mb'], 1):>15.2f}"
                   f"{m['peak_mb'] / max(h['peak_mb'], 1):>9.2f}")
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

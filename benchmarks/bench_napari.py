@@ -15,7 +15,6 @@ Prints one table with seconds, ratios against the baselines, and peak RSS. Nothi
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import tempfile
@@ -23,16 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
 
 
 def peak_rss_mb() -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,20 +29,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"small": (256, 256, 150), "large": (512, 512, 300)}
 SPACING = (0.8, 0.8, 1.5)
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _make_ct(shape: tuple[int, int, int], path: Path) -> None:
@@ -143,7 +134,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from nnunet_factory import write_fake_nnunet_folder
 
-    print(f"CPU: {_cpu_name()}, {os.cpu_count()} cores; classes {args.classes}; "
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; classes {args.classes}; "
           f"cap {args.cap_gb:g} GiB per side")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)

@@ -17,7 +17,6 @@ and peak RSS of this process and of Orthanc. Nothing here asserts on time.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import shutil
 import sys
@@ -28,16 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import orthanc_server as osrv
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
 
 
 def vm_hwm_mb(pid: int) -> float:
