@@ -235,8 +235,8 @@ def test_parallel_decode_equals_serial_and_names_bad_files(tmp_path, data_dir, m
     seen = {}
     real = dicom._parallel_decode
 
-    def spy(frames):
-        result = real(frames)
+    def spy(frames, workers=None):
+        result = real(frames, workers)
         seen["decoded"] = len(result)
         return {} if seen.get("force_serial") else result
 
