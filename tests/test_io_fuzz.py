@@ -115,7 +115,7 @@ def decode_memo(monkeypatch):
         return memo[key].copy()
 
     monkeypatch.setattr(dicom, "_decoded", decoded)
-    monkeypatch.setattr(dicom, "_parallel_decode", lambda frames: {})
+    monkeypatch.setattr(dicom, "_parallel_decode", lambda frames, workers=None: {})
 
 
 def fuzz_series(folder, tmp_path, n_per_end: int, seed: int, *, skip: bool = False) -> tuple[Counter, list]:
