@@ -188,7 +188,9 @@ def test_dask_localcluster_matches_in_process_and_survives_a_killed_worker(studi
     assert result.exit_status == 0 and [r.state for r in result.records] == ["done"] * 3
     assert _labels(out) == _labels(reference_run)
     assert not _partials(out)
-    assert len({r.worker for r in result.records}) == 2  # the cases really spread over the workers
+    # Every case ran on a worker of this cluster. Whether the killed worker's case and the last one go to the
+    # survivor or to the nanny's restarted worker is a race, so the spread over both is not asserted here.
+    assert {r.worker for r in result.records} <= set(names.values()) and killed[0] in names.values()
     assert all(r.model_loads == 1 for r in result.records)  # each worker process loaded the model once
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["done"] == 3 and run["options"]["executor"] == "dask"
