@@ -746,8 +746,27 @@ class _Endpoint:
 
 
 # ---- the source -----------------------------------------------------------------------------------------------
+class _Connected:
+    """The connection settings a source and a sink share, as one :class:`_Endpoint` (and its display name)."""
+
+    url: str
+    credentials: Credentials
+    ca_bundle: str | None
+    ae_title: str
+    timeout_s: float
+    attempts: int
+
+    @property
+    def endpoint(self) -> _Endpoint:
+        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s, self.attempts)
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+
 @dataclass(frozen=True)
-class PacsSource:
+class PacsSource(_Connected):
     """Studies in a PACS as batch cases (see the module docstring).
 
     Parameters
@@ -783,14 +802,6 @@ class PacsSource:
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).resolve())
         self.endpoint  # noqa: B018 - checks the URL now
-
-    @property
-    def endpoint(self) -> _Endpoint:
-        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s, self.attempts)
-
-    @property
-    def name(self) -> str:
-        return self.endpoint.name
 
     def studies(self) -> list[StudyInfo]:
         """The studies that match the query (raises PacsAuthError / PacsConnectionError at once: nothing to run)."""
@@ -966,7 +977,7 @@ def store_files(endpoint: PacsSink | PacsSource | str, files: Sequence[str | os.
 
 
 @dataclass(frozen=True)
-class PacsSink:
+class PacsSink(_Connected):
     """Where each case's DICOM SEG is pushed (STOW-RS or C-STORE), verified, once.
 
     Parameters
@@ -986,14 +997,6 @@ class PacsSink:
 
     def __post_init__(self) -> None:
         self.endpoint  # noqa: B018 - checks the URL now
-
-    @property
-    def endpoint(self) -> _Endpoint:
-        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s, self.attempts)
-
-    @property
-    def name(self) -> str:
-        return self.endpoint.name
 
     def pushed(self, folder: Path) -> dict[str, Any] | None:
         """The case's verified push record for this destination, if any."""
