@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 DATA = Path(__file__).parent / "data"
+pytest_plugins = ["pacs_fixtures"]  # orthanc, pacs, phantoms: a real Orthanc for the PACS tests
 
 
 def _cuda() -> bool:

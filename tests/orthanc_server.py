@@ -67,7 +67,7 @@ def private_network() -> Iterator[None]:
 class Orthanc:
     """One Orthanc process with its own storage; stop()/start() keep the storage (a server restart)."""
 
-    def __init__(self, folder: Path, *, auth: bool = True) -> None:
+    def __init__(self, folder: Path, *, auth: bool = True, extra: dict[str, Any] | None = None) -> None:
         self.folder = folder
         self.auth = auth
         self.proc: subprocess.Popen[bytes] | None = None
@@ -79,6 +79,7 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {"medseg": [OUR_AET, "127.0.0.1", 11112]}, "DicomCheckModalityHost": False,
             "StableAge": 1, "HttpServerThreads": 4, "ConcurrentJobs": 2, "StorageCompression": False,
+            **(extra or {}),  # e.g. SslEnabled/SslCertificate, more DicomModalities
         }
         (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
 
