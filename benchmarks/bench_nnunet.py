@@ -35,7 +35,7 @@ import numpy as np
 from _machine import MemoryCage, cpu_name, load_average, memory_total_bytes  # benchmarks/_machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"small": (256, 256, 150), "medium": (512, 512, 150), "large": (512, 512, 300)}
+SIZES = {"small": (256, 256, 150), "medium": (512, 512, 200), "large": (512, 512, 300)}
 SPACING = (0.8, 0.8, 1.5)
 
 
