@@ -74,9 +74,21 @@ class MemoryCage:
             (self.path / "memory.swap.max").write_text("0")
         return self
 
+    def kill_all(self) -> None:
+        """Kill every process left in the group (worker processes a killed parent left behind, reparented)."""
+        import os
+        import signal
+
+        for pid in self._read("cgroup.procs").split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
     def __exit__(self, *exc: object) -> None:
         import time
 
+        self.kill_all()
         for _ in range(50):  # the killed processes take a moment to leave the group
             try:
                 self.path.rmdir()

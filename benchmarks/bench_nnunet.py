@@ -105,8 +105,11 @@ def _run(side: str, folder: Path, image: Path, out: Path, limit_gb: float, timeo
         peak = 0
         while proc.poll() is None:
             if time.perf_counter() - t0 > timeout_s:
-                for child in ps.children(recursive=True):
-                    child.kill()
+                try:
+                    for child in ps.children(recursive=True):
+                        child.kill()
+                except psutil.Error:
+                    pass
                 proc.kill()
                 proc.wait()
                 break
@@ -116,8 +119,8 @@ def _run(side: str, folder: Path, image: Path, out: Path, limit_gb: float, timeo
             except psutil.Error:
                 pass
             time.sleep(0.05)
-        for child in ps.children(recursive=True) if proc.returncode else ():  # workers left behind by a kill
-            child.kill()
+        if cage is not None:
+            cage.kill_all()  # workers left behind by a kill (reparented: no longer the worker's children)
         oom = cage.oom_kills > 0 if cage is not None else False
         cgroup_peak = cage.peak_bytes / 2**30 if cage is not None else float("nan")
     wall = time.perf_counter() - t0
