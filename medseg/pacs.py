@@ -769,17 +769,22 @@ class _Dimse(_Transport):
         final = int(last.Status) if last is not None else None
         failed = _int(last.get("NumberOfFailedSuboperations")) if last is not None else None
         completed = _int(last.get("NumberOfCompletedSuboperations")) if last is not None else None
-        if final == 0xA801:
-            raise PacsError(f"{self.name}: C-MOVE refused: the PACS does not know the move destination AE title "
-                            f"{self.ae_title!r} (status 0xA801). The PACS must have it configured as a destination "
-                            f"(AE title {self.ae_title!r}, this host's address, port {self.ae_port}); ask its "
-                            "administrator, or use --retrieve get.")
+        destination = (f"The PACS must have it configured as a destination (AE title {self.ae_title!r}, this host's "
+                       f"address, port {self.ae_port}) and a firewall must let it connect to that port; ask its "
+                       "administrator, or use --retrieve get.")
         if final not in (0x0000, 0xB000):
             code = "no final status" if final is None else f"status 0x{final:04X}"
+            comment = str(last.get("ErrorComment", "") or "") if last is not None else ""
+            code += f": {comment}" if comment else ""
+            if final == 0xA801:
+                raise PacsError(f"{self.name}: C-MOVE refused: the PACS does not know the move destination AE title "
+                                f"{self.ae_title!r} ({code}). {destination}")
+            if receiver.received == 0:
+                raise PacsError(f"{self.name}: C-MOVE of the series to AE title {self.ae_title!r} failed before any "
+                                f"instance arrived ({code}): the PACS does not know that AE title as a move "
+                                f"destination, or cannot reach it. {destination}")
             raise PacsError(f"{self.name}: C-MOVE of the series to AE title {self.ae_title!r} ended with {code} after "
-                            f"{receiver.received} instance(s). If the PACS cannot reach us: it must have AE title "
-                            f"{self.ae_title!r} configured as a destination at this host's address, port "
-                            f"{self.ae_port}, and a firewall must let it connect.")
+                            f"{receiver.received} instance(s); rerun to retry.")
         if failed:
             raise PacsError(f"{self.name}: C-MOVE: the PACS reports {failed} failed sub-operation(s) (instances it "
                             f"could not send to AE title {self.ae_title!r}); {receiver.received} arrived. Rerun to "

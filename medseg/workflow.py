@@ -287,6 +287,10 @@ class CaseRecord:
         The run that wrote the record (a Dask task retried within one run finds its own record: "done").
     model_loads : int
         How many times the process that ran the case had loaded a model until then (1: loaded once, kept).
+    push_pending : bool
+        A failed case whose outputs were all written but whose push to the PACS failed: the outputs are kept (and
+        listed), and a rerun pushes them without segmenting again, so that what the PACS already holds (a SEG
+        whose SR push failed) stays the one the case refers to.
     """
 
     case_id: str
@@ -305,6 +309,7 @@ class CaseRecord:
     worker: str | None = None
     run_id: str | None = None
     model_loads: int = 0
+    push_pending: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -312,6 +317,8 @@ class CaseRecord:
         out["notes"] = list(self.notes)
         if self.phi is None:
             out.pop("phi")
+        if not self.push_pending:
+            out.pop("push_pending")
         return out
 
     @classmethod
@@ -492,7 +499,7 @@ def _read_record(folder: Path) -> CaseRecord | None:
 def _already_done(folder: Path, digests: Mapping[str, str], plan: _Plan) -> CaseRecord | None:
     """The earlier record when it says done for the same inputs, model and options and its outputs are intact."""
     rec = _read_record(folder)
-    if rec is None or rec.state != "done":
+    if rec is None or (rec.state != "done" and not (rec.push_pending and plan.sink is not None)):
         return None
     if (dict(rec.inputs_sha256) != dict(digests) or dict(rec.model) != dict(plan.model)
             or json.loads(json.dumps(rec.options)) != json.loads(json.dumps(plan.options.result_options()))):
@@ -584,14 +591,22 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         try:
             if plan.options.outputs.dicom_sr and not (folder / SR_NAME).is_file():
                 _sr_for_done_case(case, folder, plan)  # done by an earlier run without the SR: write it now
+            notes: list[str] = []
             if plan.sink is not None and plan.sink.pushed(folder) is None:
                 # done by an earlier run that did not push (or not here, or not the SR): push what is missing now
-                _push(case, folder, plan, [])
+                _push(case, folder, plan, notes)
+            if loaded.skipped.push_pending:  # the push that failed is done now: so is the case
+                record = replace(loaded.skipped, state="done", error=None, error_type=None, push_pending=False,
+                                 notes=tuple(notes), run_id=plan.run_id)
+                atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
+                return record
         except Exception as exc:  # noqa: BLE001 - recorded per case; the run goes on
             return _failed(case, exc, plan, loaded.digests, dict(loaded.timings), worker)
         return replace(loaded.skipped, state="skipped")
     folder = plan.out_dir / case.case_id
     t_start = time.perf_counter()
+    written: list[str] = []
+    pushing = False
     try:
         if loaded.error is not None:
             raise loaded.error
@@ -602,7 +617,6 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         seg = _segmenter(plan.options).segment(image)
         timings["segment"] = time.perf_counter() - t
         labels = seg.labels
-        written: list[str] = []
         t = time.perf_counter()
         save_volume(labels, folder / "pred.nii.gz")
         written += ["pred.nii.gz", "pred.labels.json"]
@@ -647,8 +661,11 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
             if ref.labels is not None:
                 written.append("ref.labels.json")
             timings["metrics"] = time.perf_counter() - t
-        if plan.sink is not None:  # last, so that a case that fails has pushed nothing
+        if plan.sink is not None:  # last: a case that fails earlier has pushed nothing (one that fails here keeps
+            # its outputs, so that the rerun pushes the same SEG, or its SR, without segmenting again)
             t = time.perf_counter()
+            pushing = True
+            _clear_outputs(folder, keep=written)
             _push(case, folder, plan, notes)
             timings["push"] = time.perf_counter() - t
         phi = _read_phi(image) if plan.options.include_phi else None
@@ -664,7 +681,12 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
             time.perf_counter() - t_start)
         record = _failed(case, exc, plan, loaded.digests, {k: round(v, 4) for k, v in timings.items()}, worker)
-        _clear_outputs(folder)
+        if pushing:  # every output is written; only the push failed: keep them, and a rerun pushes them
+            kept = {name: sha256_file(folder / name) for name in written if (folder / name).is_file()}
+            record = replace(record, outputs=kept, push_pending=True, notes=(
+                "outputs kept: only the push failed; a rerun pushes them without segmenting again",))
+        else:
+            _clear_outputs(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
@@ -695,7 +717,10 @@ def _sr_for_done_case(case: Case, folder: Path, plan: _Plan) -> None:
         raise WorkflowError(f"case {case.case_id}: no DICOM SR without a DICOM SEG (a DICOM series input and "
                             "dicom_seg output are needed).")
     image = load_volume(case.image, series_uid=case.series_uid, decode_workers=1)
-    labels = load_volume(folder / "pred.nii.gz")
+    saved = load_volume(folder / "pred.nii.gz")
+    saved.require_same_grid(image, what=f"case {case.case_id}: pred.nii.gz and its image")
+    # the image's own affine (NIfTI stores it in float32): the volumes equal those the case's stats.csv holds
+    labels = image.with_array(saved.array, labels=saved.labels)
     _write_dicom_sr(labels, image, folder, plan)
 
 
