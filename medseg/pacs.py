@@ -747,6 +747,7 @@ class _Dimse(_Transport):
         try:
             server = scp.start_server(("", self.ae_port), block=False,
                                       evt_handlers=[(evt.EVT_C_STORE, receiver.on_store)])
+            assert server is not None  # block=False returns the running server
         except OSError as exc:
             raise PacsError(f"{self.name}: C-MOVE: cannot listen on port {self.ae_port} for the series the PACS sends "
                             f"to AE title {self.ae_title!r} ({exc.strerror or exc}); is another DICOM receiver (or "
@@ -1375,8 +1376,8 @@ def open_endpoints(
                             "the input is not a PACS URL.")
     credentials = resolve_credentials(credentials_file)
     common = {"credentials": credentials, "ca_bundle": ca_bundle, "ae_title": ae_title, "timeout_s": timeout_s}
-    source = (PacsSource(inputs, parse_query(query), SeriesRules.parse(series), Path(cache_dir),  # type: ignore[arg-type]
-                         retrieve=retrieve, ae_port=ae_port, **common)
+    source = (PacsSource(inputs, parse_query(query), SeriesRules.parse(series), Path(cache_dir),
+                         retrieve=retrieve, ae_port=ae_port, **common)  # type: ignore[arg-type]
               if is_url else None)
     target = push_to if push_to is not None else (inputs if push else None)
     sink = PacsSink(target, push_sr=push_sr, **common) if target is not None else None  # type: ignore[arg-type]

@@ -591,13 +591,13 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         try:
             if plan.options.outputs.dicom_sr and not (folder / SR_NAME).is_file():
                 _sr_for_done_case(case, folder, plan)  # done by an earlier run without the SR: write it now
-            notes: list[str] = []
+            pushed: list[str] = []
             if plan.sink is not None and plan.sink.pushed(folder) is None:
                 # done by an earlier run that did not push (or not here, or not the SR): push what is missing now
-                _push(case, folder, plan, notes)
+                _push(case, folder, plan, pushed)
             if loaded.skipped.push_pending:  # the push that failed is done now: so is the case
                 record = replace(loaded.skipped, state="done", error=None, error_type=None, push_pending=False,
-                                 notes=tuple(notes), run_id=plan.run_id)
+                                 notes=tuple(pushed), run_id=plan.run_id)
                 atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
                 return record
         except Exception as exc:  # noqa: BLE001 - recorded per case; the run goes on
