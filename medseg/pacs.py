@@ -744,15 +744,22 @@ class _Dimse(_Transport):
         for cls in storage:
             scp.add_supported_context(cls, syntaxes)
         scp.add_supported_context(Verification)
-        try:
-            server = scp.start_server(("", self.ae_port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, receiver.on_store)])
-            assert server is not None  # block=False returns the running server
-        except OSError as exc:
-            raise PacsError(f"{self.name}: C-MOVE: cannot listen on port {self.ae_port} for the series the PACS sends "
-                            f"to AE title {self.ae_title!r} ({exc.strerror or exc}); is another DICOM receiver (or "
-                            "another medseg) using it? Give a free port with --ae-port (and register it on the "
-                            "PACS).") from None
+        # Another retrieval of ours (a Dask worker on this host) may hold the port: wait for it, up to the timeout.
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                server = scp.start_server(("", self.ae_port), block=False,
+                                          evt_handlers=[(evt.EVT_C_STORE, receiver.on_store)])
+                assert server is not None  # block=False returns the running server
+                break
+            except OSError as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise PacsError(f"{self.name}: C-MOVE: cannot listen on port {self.ae_port} for the series the PACS "
+                                f"sends to AE title {self.ae_title!r} ({exc.strerror or exc}; waited "
+                                f"{self.timeout_s:g} s); is another DICOM receiver using it? Give a free port with "
+                                "--ae-port (and register it on the PACS).") from None
         last: Any = None
         try:
             assoc = self._assoc([MOVE])

@@ -14,6 +14,7 @@ import csv
 import json
 import socket
 import threading
+import time
 import urllib.request
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -166,14 +167,56 @@ def test_c_move_to_an_ae_title_the_pacs_does_not_know_fails_clearly(pacs: osrv.O
 
 def test_c_move_with_our_port_taken_is_a_clear_error(pacs: osrv.Orthanc, phantoms: Path, tmp_path: Path) -> None:
     _upload(pacs, phantoms / "p21" / "ct")
-    source = PacsSource(pacs.dimse, cache_dir=tmp_path / "cache", retrieve="move", ae_port=11112, timeout_s=10)
+    source = PacsSource(pacs.dimse, cache_dir=tmp_path / "cache", retrieve="move", ae_port=11112, timeout_s=1)
     [case] = source.manifest().cases
     with socket.socket() as taken:
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("", 11112))
         taken.listen()
-        with pytest.raises(PacsError, match=r"cannot listen on port 11112.*--ae-port"):
+        with pytest.raises(PacsError, match=r"cannot listen on port 11112 .*waited 1 s.*--ae-port"):
             source.fetch(case)
+    # a port that is freed while we wait (another retrieval of ours finishing) is taken, and the move completes
+    patient = PacsSource(pacs.dimse, cache_dir=tmp_path / "cache", retrieve="move", ae_port=11112, timeout_s=10)
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("", 11112))
+    taken.listen()
+    timer = threading.Timer(1.0, taken.close)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        patient.fetch(case)
+    finally:
+        timer.join()
+    assert time.monotonic() - t0 >= 1.0
+    assert len(list((tmp_path / "cache" / case.case_id).iterdir())) == len(list((phantoms / "p21" / "ct").iterdir()))
+
+
+def test_two_c_move_retrievals_at_once_take_turns_on_our_port(pacs: osrv.Orthanc, phantoms: Path,
+                                                               tmp_path: Path) -> None:
+    """Two retrievals on one host (Dask workers) share --ae-port: the second waits for the first's SCP to close."""
+    for seed in (21, 23):
+        _upload(pacs, phantoms / f"p{seed}" / "ct")
+    source = PacsSource(pacs.dimse, cache_dir=tmp_path / "cache", retrieve="move", ae_port=11112, timeout_s=20)
+    cases = source.manifest().cases
+    errors: list[BaseException] = []
+
+    def fetch(case: Any) -> None:
+        try:
+            source.fetch(case)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch, args=(c,)) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for case, seed in zip(sorted(cases, key=lambda c: c.case_id), sorted((21, 23), key=lambda s: case_id_for_study(
+            _study_uid(phantoms / f"p{s}" / "ct"))), strict=True):
+        assert len(list((tmp_path / "cache" / case.case_id).iterdir())) == len(list(
+            (phantoms / f"p{seed}" / "ct").iterdir()))
 
 
 def test_retrieve_options_are_checked() -> None:
