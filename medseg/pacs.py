@@ -4,7 +4,7 @@ Sources (what ``medseg batch SOURCE`` and ``medseg watch SOURCE`` take beside fo
 
     dicomweb+http://HOST[:PORT]/PATH     QIDO-RS search, WADO-RS retrieval, STOW-RS push (dicomweb-client)
     dicomweb+https://HOST[:PORT]/PATH    the same over TLS (``ca_bundle`` to trust a site's own CA)
-    dimse://AET@HOST:PORT                C-FIND, C-GET, C-STORE (pynetdicom); our AE title is an option
+    dimse://AET@HOST:PORT                C-FIND, C-GET or C-MOVE, C-STORE (pynetdicom); our AE title is an option
 
 :class:`PacsSource` queries the studies that match a filter (``ModalitiesInStudy=CT``, ``StudyDate=20240101-``,
 ``StudyInstanceUID=uid1,uid2``), chooses one image series per study with :class:`SeriesRules` (modality,
@@ -13,9 +13,11 @@ description pattern, orientation, slice thickness, the rules of MONAI Deploy's s
 the StudyInstanceUID: no patient data and no UID in ids, folders or logs. The runner calls :meth:`PacsSource.fetch`
 before it reads a case: the series is streamed into ``CACHE/<case_id>/`` (one file per instance, in the transfer
 syntax the PACS stored, written under a temporary folder name and renamed when complete), and a complete cache is
-not fetched again.
+not fetched again. With ``retrieve="move"`` a DIMSE series comes by C-MOVE to our own storage SCP (our AE title on
+``ae_port``, started for each retrieval and always shut down), for a PACS that allows only C-MOVE.
 
-:class:`PacsSink` pushes a case's ``segmentation.dcm`` (STOW-RS or C-STORE) and verifies the PACS's answer: every
+:class:`PacsSink` pushes a case's ``segmentation.dcm`` (and, with ``push_sr``, its ``summary-sr.dcm`` after it)
+(STOW-RS or C-STORE) and verifies the PACS's answer: every
 SOPInstanceUID sent must come back as stored (Orthanc answers a STOW-RS of an instance it dropped with HTTP 200 and
 empty sequences), and the instance must then be found by a query. A verified push is recorded in
 ``OUT/<case_id>/push.json``; a case that has one is never pushed again (the record is written before the case's
