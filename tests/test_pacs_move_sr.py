@@ -286,6 +286,19 @@ def test_a_case_done_without_an_sr_gets_one_pushed_later_without_resegmenting(pa
     _check_pushed_srs(pacs, out, local)
 
 
+def test_watch_retrieves_by_c_move_and_pushes_seg_and_sr(pacs: osrv.Orthanc, phantoms: Path, tmp_path: Path) -> None:
+    local = _local_folder(tmp_path, phantoms, [23], dcmqi=False)
+    _upload(pacs, local / "p23")
+    out = tmp_path / "w"
+    result = runner.invoke(app, ["watch", pacs.dimse, "--ae-title", osrv.OUR_AET, "--retrieve", "move", "--model",
+                                 "ct-basic", "--device", "cpu", "--out", str(out), "--push", "--push-sr", "--interval",
+                                 "0", "--stable", "0", "--max-polls", "2"], env={})
+    assert result.exit_code == 0, result.output
+    _check_pushed_srs(pacs, out, local)
+    assert [len(v) for v in pacs.seg_series().values()] == [1]
+    assert _port_free(11112)
+
+
 # ---- verified pushes against a PACS that drops what it is sent ---------------------------------------------------
 class _FakeStow(BaseHTTPRequestHandler):
     """A DICOMweb endpoint that answers STOW-RS with HTTP 200 and references only the instances whose SOP class is
