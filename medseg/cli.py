@@ -779,6 +779,13 @@ _Credentials = Annotated[Path | None, typer.Option("--credentials", help="File w
                                                    "MEDSEG_PACS_PASSWORD, or MEDSEG_PACS_TOKEN).")]
 _CaBundle = Annotated[str | None, typer.Option("--ca-bundle", help="PEM file of CA certificates for HTTPS.")]
 _AeTitle = Annotated[str, typer.Option("--ae-title", help="Our DICOM AE title (DIMSE).")]
+_Retrieve = Annotated[str, typer.Option("--retrieve", help="DIMSE retrieval: get (C-GET) or move (C-MOVE to our own "
+                                        "storage SCP at --ae-port; the PACS must know our AE title as a "
+                                        "destination).")]
+_AePort = Annotated[int, typer.Option("--ae-port", min=1, max=65535, help="Port of our storage SCP for "
+                                      "--retrieve move.")]
+_PushSr = Annotated[bool, typer.Option("--push-sr", help="With --push/--push-to: also push each case's DICOM SR "
+                                       "summary (volumes per segment), verified, once; writes summary-sr.dcm.")]
 _Cache = Annotated[Path | None, typer.Option("--cache", help="Where series are retrieved (default OUT/.pacs-cache).")]
 _Timeout = Annotated[float, typer.Option("--timeout", min=1.0, help="Seconds per PACS request.")]
 _INPUT_HELP = ("A manifest (JSON, CSV, MSD dataset.json), a folder of studies, or a PACS: "
@@ -797,6 +804,9 @@ def batch_cmd(
     ))] = None,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg/--no-dicom-seg", help="DICOM SEG for DICOM inputs.")] = False,
     seg_type: Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")] = "binary",
+    dicom_sr: Annotated[bool, typer.Option("--dicom-sr/--no-dicom-sr", help="summary-sr.dcm beside each DICOM SEG: "
+                                           "a DICOM SR of the segments' volumes (ml) and, for CT, mean HU (turns on "
+                                           "--dicom-seg).")] = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics per case and statistics.csv.")] = True,
     metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Metrics against the cases' reference "
                                           "labels, when they have one.")] = True,
@@ -820,6 +830,9 @@ def batch_cmd(
     credentials: _Credentials = None,
     ca_bundle: _CaBundle = None,
     ae_title: _AeTitle = "MEDSEG",
+    retrieve: _Retrieve = "get",
+    ae_port: _AePort = 11112,
+    push_sr: _PushSr = False,
     cache: _Cache = None,
     timeout: _Timeout = 30.0,
 ) -> None:
@@ -831,10 +844,13 @@ def batch_cmd(
     try:
         source, sink = open_endpoints(inputs, cache_dir=cache or out / ".pacs-cache", query=query or [],
                                       series=series or [], push=push, push_to=push_to, credentials_file=credentials,
-                                      ca_bundle=ca_bundle, ae_title=ae_title, timeout_s=timeout)
+                                      ca_bundle=ca_bundle, ae_title=ae_title, timeout_s=timeout,
+                                      retrieve=retrieve, ae_port=ae_port, push_sr=push_sr)  # type: ignore[arg-type]
+        sr = dicom_sr or push_sr
         options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
                              fast=fast, tta=tta, torch_threads=torch_threads,
-                             outputs=OutputOptions(dicom_seg=dicom_seg or sink is not None, seg_type=seg_type,  # type: ignore[arg-type]
+                             outputs=OutputOptions(dicom_seg=dicom_seg or sr or sink is not None,
+                                                   seg_type=seg_type, dicom_sr=sr,  # type: ignore[arg-type]
                                                    stats=stats, metrics=metrics, report=report),
                              executor=executor, workers=workers, scheduler=scheduler,  # type: ignore[arg-type]
                              include_phi=include_phi, trust_bundle_code=trust_bundle_code)
@@ -869,6 +885,9 @@ def watch_cmd(
     credentials: _Credentials = None,
     ca_bundle: _CaBundle = None,
     ae_title: _AeTitle = "MEDSEG",
+    retrieve: _Retrieve = "get",
+    ae_port: _AePort = 11112,
+    push_sr: _PushSr = False,
     cache: _Cache = None,
     timeout: _Timeout = 30.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per finished case.")] = False,
@@ -892,11 +911,13 @@ def watch_cmd(
                               "dimse://AET@HOST:PORT.")
         source, sink = open_endpoints(source_url, cache_dir=cache or out / ".pacs-cache", query=query or [],
                                       series=series or [], push=push, push_to=push_to, credentials_file=credentials,
-                                      ca_bundle=ca_bundle, ae_title=ae_title, timeout_s=timeout)
+                                      ca_bundle=ca_bundle, ae_title=ae_title, timeout_s=timeout,
+                                      retrieve=retrieve, ae_port=ae_port, push_sr=push_sr)  # type: ignore[arg-type]
         if source is None:  # is_pacs_url said yes above
             raise OptionError(f"{source_url}: not a PACS address.")
         options = RunOptions(model=model, models_dirs=tuple(str(d) for d in models_dir or ()), device=device,
-                             outputs=OutputOptions(dicom_seg=True, seg_type=seg_type, report=False))  # type: ignore[arg-type]
+                             outputs=OutputOptions(dicom_seg=True, seg_type=seg_type, dicom_sr=push_sr,  # type: ignore[arg-type]
+                                                   report=False))
         options.check_available()
         watch(source, out, options, sink=sink, interval_s=interval, stable_s=stable, max_polls=max_polls,
               progress=show)

@@ -13,6 +13,7 @@ __all__ = [
     "ChecksumMismatchError",
     "DicomSegError",
     "DicomSeriesError",
+    "DicomSrError",
     "DicomWriteError",
     "DuplicateSlicesError",
     "EmptySegmentationError",
@@ -215,6 +216,10 @@ class EmptySegmentationError(DicomSegError):
 
 class OverlappingSegmentsError(DicomSegError):
     """Segments of a DICOM SEG overlap, so they cannot be one label map (read them with ``split=True``)."""
+
+
+class DicomSrError(MedsegError, ValueError):
+    """A DICOM SR summary cannot be written from this SEG, statistics and source."""
 
 
 class WorkflowError(MedsegError, ValueError):

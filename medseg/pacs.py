@@ -4,7 +4,7 @@ Sources (what ``medseg batch SOURCE`` and ``medseg watch SOURCE`` take beside fo
 
     dicomweb+http://HOST[:PORT]/PATH     QIDO-RS search, WADO-RS retrieval, STOW-RS push (dicomweb-client)
     dicomweb+https://HOST[:PORT]/PATH    the same over TLS (``ca_bundle`` to trust a site's own CA)
-    dimse://AET@HOST:PORT                C-FIND, C-GET, C-STORE (pynetdicom); our AE title is an option
+    dimse://AET@HOST:PORT                C-FIND, C-GET or C-MOVE, C-STORE (pynetdicom); our AE title is an option
 
 :class:`PacsSource` queries the studies that match a filter (``ModalitiesInStudy=CT``, ``StudyDate=20240101-``,
 ``StudyInstanceUID=uid1,uid2``), chooses one image series per study with :class:`SeriesRules` (modality,
@@ -13,9 +13,11 @@ description pattern, orientation, slice thickness, the rules of MONAI Deploy's s
 the StudyInstanceUID: no patient data and no UID in ids, folders or logs. The runner calls :meth:`PacsSource.fetch`
 before it reads a case: the series is streamed into ``CACHE/<case_id>/`` (one file per instance, in the transfer
 syntax the PACS stored, written under a temporary folder name and renamed when complete), and a complete cache is
-not fetched again.
+not fetched again. With ``retrieve="move"`` a DIMSE series comes by C-MOVE to our own storage SCP (our AE title on
+``ae_port``, started for each retrieval and always shut down), for a PACS that allows only C-MOVE.
 
-:class:`PacsSink` pushes a case's ``segmentation.dcm`` (STOW-RS or C-STORE) and verifies the PACS's answer: every
+:class:`PacsSink` pushes a case's ``segmentation.dcm`` (and, with ``push_sr``, its ``summary-sr.dcm`` after it)
+(STOW-RS or C-STORE) and verifies the PACS's answer: every
 SOPInstanceUID sent must come back as stored (Orthanc answers a STOW-RS of an instance it dropped with HTTP 200 and
 empty sequences), and the instance must then be found by a query. A verified push is recorded in
 ``OUT/<case_id>/push.json``; a case that has one is never pushed again (the record is written before the case's
@@ -532,15 +534,75 @@ class _DicomWeb(_Transport):
         return stored
 
 
-def _qr_model(kind: Literal["Find", "Get"]) -> Any:
+def _qr_model(kind: Literal["Find", "Get", "Move"]) -> Any:
     """pynetdicom's Study Root Query/Retrieve SOP class (its module defines them at import, unseen by mypy)."""
     from pynetdicom import sop_class
 
     return getattr(sop_class, f"StudyRootQueryRetrieveInformationModel{kind}")
 
 
+def _storage_contexts() -> tuple[list[str], list[str]]:
+    """The storage SOP classes and transfer syntaxes we accept when a PACS sends us a series (C-GET, C-MOVE)."""
+    from pydicom.uid import (
+        JPEG2000,
+        CTImageStorage,
+        EnhancedCTImageStorage,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEG2000Lossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        MRImageStorage,
+        RLELossless,
+    )
+
+    return ([CTImageStorage, MRImageStorage, EnhancedCTImageStorage],
+            [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEG2000, JPEGLSLossless,
+             JPEGLosslessSV1, RLELossless])
+
+
+class _Receiver:
+    """Writes the instances a PACS sends us (C-GET sub-operations, or C-STOREs to our SCP after a C-MOVE) into
+    ``folder`` as ``00000.dcm, 00001.dcm, ...``; an instance of another study or series is refused and counted."""
+
+    def __init__(self, folder: Path, study_uid: str, series_uid: str) -> None:
+        self.folder, self.study_uid, self.series_uid = folder, study_uid, series_uid
+        self.received = 0
+        self.foreign = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def on_store(self, event: Any) -> int:
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            if (str(ds.get("StudyInstanceUID", "")) != self.study_uid
+                    or str(ds.get("SeriesInstanceUID", "")) != self.series_uid):
+                with self._lock:
+                    self.foreign += 1
+                return 0xC212  # not an instance of the series asked for
+            with self._lock:
+                n = self.received
+                self.received += 1
+            ds.save_as(self.folder / f"{n:05d}.dcm", enforce_file_format=True)
+            return 0x0000
+        except Exception as exc:  # noqa: BLE001 - answered to the PACS as a failure, reported by the caller
+            with self._lock:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            return 0xC211
+
+    def check(self, name: str, how: str) -> None:
+        """Raise when an instance could not be written or did not belong to the series."""
+        if self.errors:
+            raise PacsError(f"{name}: {how}: cannot write a received instance ({self.errors[0]}).")
+        if self.foreign:
+            raise PacsError(f"{name}: {how}: the PACS sent {self.foreign} instance(s) of another study or series; "
+                            "they were refused. Is another retrieval sending to the same AE title and port?")
+
+
 class _Dimse(_Transport):
-    def __init__(self, url: str, ae_title: str, timeout_s: float) -> None:
+    def __init__(self, url: str, ae_title: str, timeout_s: float, retrieve: Literal["get", "move"] = "get",
+                 ae_port: int = 11112) -> None:
         try:
             import pynetdicom  # noqa: F401
         except ImportError:
@@ -551,6 +613,7 @@ class _Dimse(_Transport):
         self.called, self.host, self.port = parts.username, parts.hostname, parts.port
         self.ae_title = ae_title
         self.timeout_s = timeout_s
+        self.retrieve_with, self.ae_port = retrieve, ae_port
         self.name = f"dimse://{self.called}@{self.host}:{self.port}"
 
     def _assoc(self, contexts: Sequence[Any], *, roles: Sequence[Any] = (), handlers: Sequence[Any] = ()) -> Any:
@@ -636,47 +699,25 @@ class _Dimse(_Transport):
 
     def retrieve(self, study_uid: str, series_uid: str, folder: Path) -> int:
         from pydicom import Dataset
-        from pydicom.uid import (
-            JPEG2000,
-            CTImageStorage,
-            EnhancedCTImageStorage,
-            ExplicitVRLittleEndian,
-            ImplicitVRLittleEndian,
-            JPEG2000Lossless,
-            JPEGLosslessSV1,
-            JPEGLSLossless,
-            MRImageStorage,
-            RLELossless,
-        )
-        from pynetdicom import build_role, evt
 
-        GET = _qr_model("Get")
-
-        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEG2000, JPEGLSLossless,
-                    JPEGLosslessSV1, RLELossless]
-        storage = [CTImageStorage, MRImageStorage, EnhancedCTImageStorage]
-        received: list[int] = [0]
-        errors: list[str] = []
-
-        def on_store(event: Any) -> int:
-            try:
-                ds = event.dataset
-                ds.file_meta = event.file_meta
-                ds.save_as(folder / f"{received[0]:05d}.dcm", enforce_file_format=True)
-                received[0] += 1
-                return 0x0000
-            except Exception as exc:  # noqa: BLE001 - answered to the PACS as a failure, reported below
-                errors.append(f"{type(exc).__name__}: {exc}")
-                return 0xC211
-
-        # One presentation context per (storage class, transfer syntax): the PACS sends in the syntax it stored.
-        contexts: list[Any] = [GET] + [(cls, [ts]) for cls in storage for ts in syntaxes]
-        roles = [build_role(cls, scp_role=True) for cls in storage]
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = study_uid
         q.SeriesInstanceUID = series_uid
-        assoc = self._assoc(contexts, roles=roles, handlers=[(evt.EVT_C_STORE, on_store)])
+        receiver = _Receiver(folder, study_uid, series_uid)
+        if self.retrieve_with == "move":
+            return self._move(q, receiver)
+        return self._get(q, receiver)
+
+    def _get(self, q: Any, receiver: _Receiver) -> int:
+        from pynetdicom import build_role, evt
+
+        GET = _qr_model("Get")
+        storage, syntaxes = _storage_contexts()
+        # One presentation context per (storage class, transfer syntax): the PACS sends in the syntax it stored.
+        contexts: list[Any] = [GET] + [(cls, [ts]) for cls in storage for ts in syntaxes]
+        roles = [build_role(cls, scp_role=True) for cls in storage]
+        assoc = self._assoc(contexts, roles=roles, handlers=[(evt.EVT_C_STORE, receiver.on_store)])
         final: int | None = None
         try:
             for status, _identifier in assoc.send_c_get(q, GET):
@@ -686,12 +727,82 @@ class _Dimse(_Transport):
                 final = int(status.Status)
         finally:
             assoc.release()
-        if errors:
-            raise PacsError(f"{self.name}: C-GET: cannot write a received instance ({errors[0]}).")
+        receiver.check(self.name, "C-GET")
         if final not in (0x0000, None) and final not in (0xFF00,):
             raise PacsError(f"{self.name}: C-GET of the series ended with status 0x{final:04X} after "
-                            f"{received[0]} instance(s).")
-        return received[0]
+                            f"{receiver.received} instance(s).")
+        return receiver.received
+
+    def _move(self, q: Any, receiver: _Receiver) -> int:
+        """C-MOVE the series to our own storage SCP (our AE title, ``ae_port`` on every interface of this host),
+        which runs only for the duration of the retrieval and is shut down on every path."""
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        MOVE = _qr_model("Move")
+        storage, syntaxes = _storage_contexts()
+        scp = AE(ae_title=self.ae_title)
+        scp.acse_timeout = scp.dimse_timeout = scp.network_timeout = self.timeout_s
+        for cls in storage:
+            scp.add_supported_context(cls, syntaxes)
+        scp.add_supported_context(Verification)
+        # Another retrieval of ours (a Dask worker on this host) may hold the port: wait for it, up to the timeout.
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                server = scp.start_server(("", self.ae_port), block=False,
+                                          evt_handlers=[(evt.EVT_C_STORE, receiver.on_store)])
+                assert server is not None  # block=False returns the running server
+                break
+            except OSError as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise PacsError(f"{self.name}: C-MOVE: cannot listen on port {self.ae_port} for the series the PACS "
+                                f"sends to AE title {self.ae_title!r} ({exc.strerror or exc}; waited "
+                                f"{self.timeout_s:g} s); is another DICOM receiver using it? Give a free port with "
+                                "--ae-port (and register it on the PACS).") from None
+        last: Any = None
+        try:
+            assoc = self._assoc([MOVE])
+            try:
+                for status, _identifier in assoc.send_c_move(q, self.ae_title, MOVE):
+                    if status is None:
+                        raise PacsConnectionError(f"{self.name}: C-MOVE: the association ended before the series was "
+                                                  "complete.")
+                    last = status
+            finally:
+                assoc.release()
+        finally:
+            server.shutdown()
+        receiver.check(self.name, "C-MOVE")
+        final = int(last.Status) if last is not None else None
+        failed = _int(last.get("NumberOfFailedSuboperations")) if last is not None else None
+        completed = _int(last.get("NumberOfCompletedSuboperations")) if last is not None else None
+        destination = (f"The PACS must have it configured as a destination (AE title {self.ae_title!r}, this host's "
+                       f"address, port {self.ae_port}) and a firewall must let it connect to that port; ask its "
+                       "administrator, or use --retrieve get.")
+        if final not in (0x0000, 0xB000):
+            code = "no final status" if final is None else f"status 0x{final:04X}"
+            comment = str(last.get("ErrorComment", "") or "") if last is not None else ""
+            code += f": {comment}" if comment else ""
+            if final == 0xA801:
+                raise PacsError(f"{self.name}: C-MOVE refused: the PACS does not know the move destination AE title "
+                                f"{self.ae_title!r} ({code}). {destination}")
+            if receiver.received == 0:
+                raise PacsError(f"{self.name}: C-MOVE of the series to AE title {self.ae_title!r} failed before any "
+                                f"instance arrived ({code}): the PACS does not know that AE title as a move "
+                                f"destination, or cannot reach it. {destination}")
+            raise PacsError(f"{self.name}: C-MOVE of the series to AE title {self.ae_title!r} ended with {code} after "
+                            f"{receiver.received} instance(s); rerun to retry.")
+        if failed:
+            raise PacsError(f"{self.name}: C-MOVE: the PACS reports {failed} failed sub-operation(s) (instances it "
+                            f"could not send to AE title {self.ae_title!r}); {receiver.received} arrived. Rerun to "
+                            "retry.")
+        if completed is not None and completed != receiver.received:
+            raise PacsError(f"{self.name}: C-MOVE: the PACS reports {completed} instance(s) sent, "
+                            f"{receiver.received} arrived at our storage SCP; rerun to retry.")
+        return receiver.received
 
     def store(self, datasets: Sequence[Any]) -> set[str]:
         contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
@@ -722,6 +833,8 @@ class _Endpoint:
     ae_title: str = "MEDSEG"
     timeout_s: float = 30.0
     attempts: int = 3
+    retrieve: Literal["get", "move"] = "get"
+    ae_port: int = 11112
 
     def __post_init__(self) -> None:
         if not is_pacs_url(self.url):
@@ -734,6 +847,14 @@ class _Endpoint:
                                 "MEDSEG_PACS_TOKEN or --credentials FILE.")
         if not re.fullmatch(r"[ -~]{1,16}", self.ae_title) or self.ae_title.strip() != self.ae_title:
             raise WorkflowError(f"--ae-title {self.ae_title!r}: an AE title is 1-16 printable ASCII characters.")
+        if self.retrieve not in ("get", "move"):
+            raise WorkflowError(f"--retrieve {self.retrieve!r}: DIMSE retrieval is 'get' (C-GET) or 'move' (C-MOVE to "
+                                "our own storage SCP).")
+        if self.retrieve == "move" and not self.url.lower().startswith("dimse"):
+            raise WorkflowError(f"{_plain_url(self.url)}: --retrieve move is DIMSE C-MOVE; a DICOMweb source "
+                                "retrieves with WADO-RS (use dimse://AET@HOST:PORT, or leave --retrieve get).")
+        if not 1 <= int(self.ae_port) <= 65535:
+            raise WorkflowError(f"--ae-port {self.ae_port}: a TCP port is 1-65535 (default 11112).")
 
     @property
     def name(self) -> str:
@@ -741,7 +862,7 @@ class _Endpoint:
 
     def connect(self) -> _Transport:
         if self.url.lower().startswith("dimse"):
-            return _Dimse(self.url, self.ae_title, self.timeout_s)
+            return _Dimse(self.url, self.ae_title, self.timeout_s, self.retrieve, self.ae_port)
         return _DicomWeb(self.url, self.credentials, self.ca_bundle, self.timeout_s, self.attempts)
 
 
@@ -755,10 +876,13 @@ class _Connected:
     ae_title: str
     timeout_s: float
     attempts: int
+    retrieve: Literal["get", "move"] = "get"  # a source's; a sink never retrieves
+    ae_port: int = 11112
 
     @property
     def endpoint(self) -> _Endpoint:
-        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s, self.attempts)
+        return _Endpoint(self.url, self.credentials, self.ca_bundle, self.ae_title, self.timeout_s, self.attempts,
+                         self.retrieve, self.ae_port)
 
     @property
     def name(self) -> str:
@@ -787,6 +911,11 @@ class PacsSource(_Connected):
         Per request (HTTP) or per network operation (DIMSE).
     attempts : int
         DICOMweb: tries per request (waits of 1, 2, 4 ... s between them) before a case fails.
+    retrieve : {"get", "move"}
+        DIMSE: C-GET, or C-MOVE to our own storage SCP (``ae_title`` at ``ae_port`` on this host, started for each
+        retrieval), for a PACS that allows only C-MOVE. The PACS must know ``ae_title`` as a move destination.
+    ae_port : int
+        The port of our storage SCP for C-MOVE (default 11112).
     """
 
     url: str
@@ -798,6 +927,8 @@ class PacsSource(_Connected):
     ae_title: str = "MEDSEG"
     timeout_s: float = 30.0
     attempts: int = 3
+    retrieve: Literal["get", "move"] = "get"
+    ae_port: int = 11112
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).resolve())
@@ -978,7 +1109,7 @@ def store_files(endpoint: PacsSink | PacsSource | str, files: Sequence[str | os.
 
 @dataclass(frozen=True)
 class PacsSink(_Connected):
-    """Where each case's DICOM SEG is pushed (STOW-RS or C-STORE), verified, once.
+    """Where each case's DICOM SEG (and, with ``push_sr``, its DICOM SR summary) is pushed, verified, once.
 
     Parameters
     ----------
@@ -986,6 +1117,8 @@ class PacsSink(_Connected):
         ``dicomweb+http(s)://...`` or ``dimse://AET@HOST:PORT``.
     credentials, ca_bundle, ae_title, timeout_s, attempts :
         As for :class:`PacsSource`.
+    push_sr : bool
+        Also push the case's ``summary-sr.dcm`` (:func:`medseg.io.dicom_sr.write_dicom_sr`) after its SEG.
     """
 
     url: str
@@ -994,12 +1127,12 @@ class PacsSink(_Connected):
     ae_title: str = "MEDSEG"
     timeout_s: float = 30.0
     attempts: int = 3
+    push_sr: bool = False
 
     def __post_init__(self) -> None:
         self.endpoint  # noqa: B018 - checks the URL now
 
-    def pushed(self, folder: Path) -> dict[str, Any] | None:
-        """The case's verified push record for this destination, if any."""
+    def _record(self, folder: Path) -> dict[str, Any] | None:
         p = folder / PUSH_RECORD_NAME
         try:
             record = json.loads(p.read_text(encoding="utf-8"))
@@ -1007,25 +1140,68 @@ class PacsSink(_Connected):
             return None
         return record if isinstance(record, dict) and record.get("destination") == self.name else None
 
-    def push(self, case_id: str, seg_path: Path, folder: Path) -> str:
-        """Push the case's SEG unless this destination already holds a verified push of it; return a note.
+    def pushed(self, folder: Path) -> dict[str, Any] | None:
+        """The case's verified push record for this destination, if it holds all this sink pushes (SEG, SR)."""
+        record = self._record(folder)
+        if record is None or (self.push_sr and not isinstance(record.get("sr"), dict)):
+            return None
+        return record
+
+    def push(self, case_id: str, seg_path: Path, folder: Path, sr_path: Path | None = None) -> str:
+        """Push the case's SEG (then its SR) unless this destination already holds a verified push of it; return a
+        note.
 
         Raises
         ------
         PacsPushError, PacsAuthError, PacsConnectionError
-            The case is then recorded as failed, and a rerun pushes again.
+            The case is then recorded as failed, and a rerun pushes what is missing.
         """
-        earlier = self.pushed(folder)
-        if earlier is not None:
-            return f"SEG already pushed to {self.name} at {earlier.get('time')}; not pushed again"
-        t0 = time.perf_counter()
-        uids = store_files(self, [seg_path])
-        record = {"destination": self.name, "sop_instance_uids": uids, "seg_sha256": _sha256(seg_path),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
-                  "verified": True}
-        atomic_write_text(folder / PUSH_RECORD_NAME, json.dumps(record, indent=2) + "\n")
-        logger.info("case %s: SEG pushed to %s and verified", case_id, self.name)
-        return f"SEG pushed to {self.name} and verified"
+        record = self._record(folder)
+        notes = []
+        if record is not None:
+            notes.append(f"SEG already pushed to {self.name} at {record.get('time')}; not pushed again")
+        else:
+            t0 = time.perf_counter()
+            uids = store_files(self, [seg_path])
+            record = {"destination": self.name, "sop_instance_uids": uids, "seg_sha256": _sha256(seg_path),
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
+                      "verified": True}
+            atomic_write_text(folder / PUSH_RECORD_NAME, json.dumps(record, indent=2) + "\n")
+            logger.info("case %s: SEG pushed to %s and verified", case_id, self.name)
+            notes.append(f"SEG pushed to {self.name} and verified")
+        if self.push_sr:
+            if isinstance(record.get("sr"), dict):
+                notes.append(f"SR already pushed to {self.name}; not pushed again")
+            else:
+                if sr_path is None or not Path(sr_path).is_file():
+                    raise PacsPushError(f"case {case_id}: no DICOM SR to push (the case has no "
+                                        f"{Path(sr_path or 'summary-sr.dcm').name}); it is written with the SEG when "
+                                        "the SR is asked for (--push-sr or --dicom-sr).")
+                _check_sr_references(case_id, Path(sr_path), record)
+                t0 = time.perf_counter()
+                sr_uids = store_files(self, [Path(sr_path)])
+                record["sr"] = {"sop_instance_uids": sr_uids, "sr_sha256": _sha256(Path(sr_path)),
+                                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "seconds": round(time.perf_counter() - t0, 3), "verified": True}
+                atomic_write_text(folder / PUSH_RECORD_NAME, json.dumps(record, indent=2) + "\n")
+                logger.info("case %s: SR pushed to %s and verified", case_id, self.name)
+                notes.append(f"SR pushed to {self.name} and verified")
+        return "; ".join(notes)
+
+
+def _check_sr_references(case_id: str, sr_path: Path, record: Mapping[str, Any]) -> None:
+    """The SR must measure the SEG that this destination holds (not a newer SEG of a redone case)."""
+    import pydicom
+
+    ds = pydicom.dcmread(sr_path, stop_before_pixels=True)
+    referenced = {str(item.ReferencedSOPInstanceUID) for study in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                  for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    pushed = set(record.get("sop_instance_uids") or [])
+    if not pushed & referenced:
+        raise PacsPushError(f"case {case_id}: its DICOM SR measures a SEG that is not the one pushed earlier to this "
+                            "PACS (the case was redone after its SEG was pushed); not pushed. Delete the case's "
+                            f"{PUSH_RECORD_NAME} to push the new SEG and its SR, or remove the old SEG from the PACS "
+                            "first.")
 
 
 def _sha256(p: Path) -> str:
@@ -1162,6 +1338,9 @@ def open_endpoints(
     ca_bundle: str | None = None,
     ae_title: str = "MEDSEG",
     timeout_s: float = 30.0,
+    retrieve: Literal["get", "move"] = "get",
+    ae_port: int = 11112,
+    push_sr: bool = False,
 ) -> tuple[PacsSource | None, PacsSink | None]:
     """The source and sink that ``medseg batch`` / ``medseg watch`` options describe.
 
@@ -1179,6 +1358,10 @@ def open_endpoints(
         Push to this PACS instead (any source).
     credentials_file, ca_bundle, ae_title, timeout_s :
         As for :class:`PacsSource` (one set of credentials serves source and sink).
+    retrieve, ae_port :
+        DIMSE retrieval by C-GET or C-MOVE to our storage SCP at ``ae_port`` (:class:`PacsSource`).
+    push_sr : bool
+        Push each case's DICOM SR summary after its SEG (needs ``push`` or ``push_to``).
 
     Raises
     ------
@@ -1194,10 +1377,17 @@ def open_endpoints(
     if push and not is_url and push_to is None:
         raise WorkflowError(f"{inputs}: --push sends the SEGs back to the PACS they came from; the input is a folder "
                             "or manifest, so give --push-to URL.")
+    if push_sr and not push and push_to is None:
+        raise WorkflowError("--push-sr pushes each case's DICOM SR after its SEG: give --push (back to the source "
+                            "PACS) or --push-to URL as well (--dicom-sr writes the SR without pushing it).")
+    if not is_url and (retrieve != "get" or ae_port != 11112):
+        raise WorkflowError(f"{inputs}: --retrieve and --ae-port choose how studies are retrieved from a DIMSE PACS; "
+                            "the input is not a PACS URL.")
     credentials = resolve_credentials(credentials_file)
     common = {"credentials": credentials, "ca_bundle": ca_bundle, "ae_title": ae_title, "timeout_s": timeout_s}
-    source = (PacsSource(inputs, parse_query(query), SeriesRules.parse(series), Path(cache_dir), **common)  # type: ignore[arg-type]
+    source = (PacsSource(inputs, parse_query(query), SeriesRules.parse(series), Path(cache_dir),
+                         retrieve=retrieve, ae_port=ae_port, **common)  # type: ignore[arg-type]
               if is_url else None)
     target = push_to if push_to is not None else (inputs if push else None)
-    sink = PacsSink(target, **common) if target is not None else None  # type: ignore[arg-type]
+    sink = PacsSink(target, push_sr=push_sr, **common) if target is not None else None  # type: ignore[arg-type]
     return source, sink

@@ -7,6 +7,7 @@
       <case_id>/pred.nii.gz          labels on the scan's own grid (+ pred.labels.json, the label table)
       <case_id>/ref.nii.gz           the reference labels, when the manifest has them (for the report)
       <case_id>/segmentation.dcm     DICOM SEG, for DICOM inputs when asked for
+      <case_id>/summary-sr.dcm       DICOM SR (TID 1500) of the SEG's segments' volumes, when asked for
       <case_id>/stats.csv            volume and intensity statistics per label
       <case_id>/metrics.csv          Dice, HD95, ... against the reference, when there is one
       <case_id>/status.json          the case's status record, written LAST
@@ -42,8 +43,8 @@ Workflow recipes (``workflows/*.yaml``, :func:`load_workflow`)::
     name: ct-organs-phantoms
     model: phantom-abdomen-ct                 # a model name, card path or bundle folder
     inputs: {manifest: ../data_manifests/demo-phantoms.json}   # or {folder: studies/}
-    outputs: {folder: runs/ct-organs, labels: true, dicom_seg: false, seg_type: binary, stats: true,
-              metrics: true, report: true, image: false}
+    outputs: {folder: runs/ct-organs, labels: true, dicom_seg: false, seg_type: binary, dicom_sr: false,
+              stats: true, metrics: true, report: true, image: false}
     inference: {device: cpu, fast: false, tta: false, overlap: null, amp: null, torch_threads: null}
     executor: {kind: local, workers: 2, scheduler: null, prefetch: true, retries: 2, memory_limit: 4GiB}
     include_phi: false
@@ -103,9 +104,10 @@ EXIT_FAILED_CASES = 3
 STATUS_NAME = "status.json"
 #: Every file the runner may write in a case folder (a redone or failed case loses the ones it did not rewrite,
 #: so neither the report nor a reader ever sees an earlier run's output as this run's).
-CASE_OUTPUTS = ("pred.nii.gz", "pred.labels.json", "image.nii.gz", "segmentation.dcm", "stats.csv", "metrics.csv",
-                "ref.nii.gz", "ref.labels.json")
+CASE_OUTPUTS = ("pred.nii.gz", "pred.labels.json", "image.nii.gz", "segmentation.dcm", "summary-sr.dcm", "stats.csv",
+                "metrics.csv", "ref.nii.gz", "ref.labels.json")
 RUN_RECORD_NAME = "run.json"
+SR_NAME = "summary-sr.dcm"  # medseg.io.dicom_sr.SR_NAME (not imported here: highdicom loads only when an SR is made)
 RECORD_VERSION = 1
 
 SegType = Literal["binary", "labelmap"]
@@ -126,6 +128,10 @@ class OutputOptions:
         name, version and weights sha256 as the algorithm); non-DICOM inputs get none and their record says why.
     seg_type : {"binary", "labelmap"}
         DICOM SEG type.
+    dicom_sr : bool
+        ``summary-sr.dcm`` beside each ``segmentation.dcm``: a DICOM SR Measurement Report (TID 1500) of the SEG's
+        segments, volume in ml and, for CT, mean HU (:func:`medseg.io.dicom_sr.write_dicom_sr`). Needs
+        ``dicom_seg``. A case done by an earlier run without it gets it from its SEG and labels, not resegmented.
     stats : bool
         ``stats.csv`` per case and ``statistics.csv`` over all cases.
     metrics : bool
@@ -139,6 +145,7 @@ class OutputOptions:
     labels: bool = True
     dicom_seg: bool = False
     seg_type: SegType = "binary"
+    dicom_sr: bool = False
     stats: bool = True
     metrics: bool = True
     report: bool = True
@@ -213,6 +220,9 @@ class RunOptions:
             raise WorkflowError(f"executor must be 'local' or 'dask', not {self.executor!r}.")
         if self.workers < 1:
             raise WorkflowError(f"workers must be at least 1, not {self.workers}.")
+        if self.outputs.dicom_sr and not self.outputs.dicom_seg:
+            raise WorkflowError("dicom_sr output (--dicom-sr) summarises each case's DICOM SEG: turn dicom_seg output "
+                                "on as well (--dicom-seg).")
         if self.outputs.seg_type not in ("binary", "labelmap"):
             raise WorkflowError(f"seg_type must be 'binary' or 'labelmap', not {self.outputs.seg_type!r}.")
         if self.overlap is not None and not 0.0 <= self.overlap < 1.0:
@@ -244,6 +254,7 @@ class RunOptions:
         """The options that change a case's outputs (recorded, and compared when a rerun decides to skip)."""
         out = asdict(self.outputs)
         out.pop("report")
+        out.pop("dicom_sr")  # an extra file from the same labels: a done case gets it without being redone
         return {"device": self.device, "fast": self.fast, "tta": self.tta, "overlap": self.overlap, "amp": self.amp,
                 "torch_threads": self.torch_threads, "outputs": out}
 
@@ -279,6 +290,10 @@ class CaseRecord:
         The run that wrote the record (a Dask task retried within one run finds its own record: "done").
     model_loads : int
         How many times the process that ran the case had loaded a model until then (1: loaded once, kept).
+    push_pending : bool
+        A failed case whose outputs were all written but whose push to the PACS failed: the outputs are kept (and
+        listed), and a rerun pushes them without segmenting again, so that what the PACS already holds (a SEG
+        whose SR push failed) stays the one the case refers to.
     """
 
     case_id: str
@@ -297,6 +312,7 @@ class CaseRecord:
     worker: str | None = None
     run_id: str | None = None
     model_loads: int = 0
+    push_pending: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -304,6 +320,8 @@ class CaseRecord:
         out["notes"] = list(self.notes)
         if self.phi is None:
             out.pop("phi")
+        if not self.push_pending:
+            out.pop("push_pending")
         return out
 
     @classmethod
@@ -484,7 +502,7 @@ def _read_record(folder: Path) -> CaseRecord | None:
 def _already_done(folder: Path, digests: Mapping[str, str], plan: _Plan) -> CaseRecord | None:
     """The earlier record when it says done for the same inputs, model and options and its outputs are intact."""
     rec = _read_record(folder)
-    if rec is None or rec.state != "done":
+    if rec is None or (rec.state != "done" and not (rec.push_pending and plan.sink is not None)):
         return None
     if (dict(rec.inputs_sha256) != dict(digests) or dict(rec.model) != dict(plan.model)
             or json.loads(json.dumps(rec.options)) != json.loads(json.dumps(plan.options.result_options()))):
@@ -572,14 +590,26 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
     if loaded.skipped is not None:
         if loaded.skipped.run_id == plan.run_id:  # a Dask retry of a task whose first try had finished
             return loaded.skipped
-        if plan.sink is not None and plan.sink.pushed(plan.out_dir / case.case_id) is None:
-            try:  # done by an earlier run that did not push (or not here): push its SEG now
-                _push(case, plan.out_dir / case.case_id, plan, [])
-            except Exception as exc:  # noqa: BLE001 - recorded per case; the run goes on
-                return _failed(case, exc, plan, loaded.digests, dict(loaded.timings), worker)
+        folder = plan.out_dir / case.case_id
+        try:
+            if plan.options.outputs.dicom_sr and not (folder / SR_NAME).is_file():
+                _sr_for_done_case(case, folder, plan)  # done by an earlier run without the SR: write it now
+            pushed: list[str] = []
+            if plan.sink is not None and plan.sink.pushed(folder) is None:
+                # done by an earlier run that did not push (or not here, or not the SR): push what is missing now
+                _push(case, folder, plan, pushed)
+            if loaded.skipped.push_pending:  # the push that failed is done now: so is the case
+                record = replace(loaded.skipped, state="done", error=None, error_type=None, push_pending=False,
+                                 notes=tuple(pushed), run_id=plan.run_id)
+                atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
+                return record
+        except Exception as exc:  # noqa: BLE001 - recorded per case; the run goes on
+            return _failed(case, exc, plan, loaded.digests, dict(loaded.timings), worker)
         return replace(loaded.skipped, state="skipped")
     folder = plan.out_dir / case.case_id
     t_start = time.perf_counter()
+    written: list[str] = []
+    pushing = False
     try:
         if loaded.error is not None:
             raise loaded.error
@@ -590,7 +620,6 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         seg = _segmenter(plan.options).segment(image)
         timings["segment"] = time.perf_counter() - t
         labels = seg.labels
-        written: list[str] = []
         t = time.perf_counter()
         save_volume(labels, folder / "pred.nii.gz")
         written += ["pred.nii.gz", "pred.labels.json"]
@@ -607,13 +636,20 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
                 timings["dicom_seg"] = time.perf_counter() - t
             else:
                 notes.append("no DICOM SEG: the input is not a DICOM series")
+        case_stats = None
         if plan.options.outputs.stats:
             from medseg.stats import volume_stats
 
             t = time.perf_counter()
-            atomic_write_text(folder / "stats.csv", volume_stats(labels, image).to_csv())
+            case_stats = volume_stats(labels, image)
+            atomic_write_text(folder / "stats.csv", case_stats.to_csv())
             written.append("stats.csv")
             timings["stats"] = time.perf_counter() - t
+        if plan.options.outputs.dicom_sr and "segmentation.dcm" in written:
+            t = time.perf_counter()
+            _write_dicom_sr(labels, image, folder, plan, case_stats)
+            written.append(SR_NAME)
+            timings["dicom_sr"] = time.perf_counter() - t
         if loaded.reference is not None:
             from medseg.metrics import evaluate
 
@@ -628,8 +664,11 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
             if ref.labels is not None:
                 written.append("ref.labels.json")
             timings["metrics"] = time.perf_counter() - t
-        if plan.sink is not None:  # last, so that a case that fails has pushed nothing
+        if plan.sink is not None:  # last: a case that fails earlier has pushed nothing (one that fails here keeps
+            # its outputs, so that the rerun pushes the same SEG, or its SR, without segmenting again)
             t = time.perf_counter()
+            pushing = True
+            _clear_outputs(folder, keep=written)
             _push(case, folder, plan, notes)
             timings["push"] = time.perf_counter() - t
         phi = _read_phi(image) if plan.options.include_phi else None
@@ -645,7 +684,12 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
         timings["total"] = loaded.timings.get("verify", 0.0) + loaded.timings.get("read", 0.0) + (
             time.perf_counter() - t_start)
         record = _failed(case, exc, plan, loaded.digests, {k: round(v, 4) for k, v in timings.items()}, worker)
-        _clear_outputs(folder)
+        if pushing:  # every output is written; only the push failed: keep them, and a rerun pushes them
+            kept = {name: sha256_file(folder / name) for name in written if (folder / name).is_file()}
+            record = replace(record, outputs=kept, push_pending=True, notes=(
+                "outputs kept: only the push failed; a rerun pushes them without segmenting again",))
+        else:
+            _clear_outputs(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / STATUS_NAME, json.dumps(record.to_json(), indent=2) + "\n")
@@ -658,13 +702,38 @@ def _process(loaded: _Loaded, plan: _Plan, worker: str | None = None) -> CaseRec
     return record
 
 
+def _write_dicom_sr(labels: Volume, image: Volume, folder: Path, plan: _Plan, stats: Any = None) -> None:
+    """``summary-sr.dcm``: the SEG's segments' volumes (and mean HU) from the case's statistics."""
+    from medseg.io.dicom_sr import write_dicom_sr
+    from medseg.stats import volume_stats
+
+    model = plan.model
+    write_dicom_sr(folder / "segmentation.dcm", stats if stats is not None else volume_stats(labels, image), image,
+                   folder / SR_NAME, algorithm_name=str(model["name"]), algorithm_version=str(model["version"]))
+
+
+def _sr_for_done_case(case: Case, folder: Path, plan: _Plan) -> None:
+    """The SR of a case an earlier run finished without one: from its own SEG and labels, not resegmented."""
+    from medseg.io import load_volume
+
+    if not (folder / "segmentation.dcm").is_file():
+        raise WorkflowError(f"case {case.case_id}: no DICOM SR without a DICOM SEG (a DICOM series input and "
+                            "dicom_seg output are needed).")
+    image = load_volume(case.image, series_uid=case.series_uid, decode_workers=1)
+    saved = load_volume(folder / "pred.nii.gz")
+    saved.require_same_grid(image, what=f"case {case.case_id}: pred.nii.gz and its image")
+    # the image's own affine (NIfTI stores it in float32): the volumes equal those the case's stats.csv holds
+    labels = image.with_array(saved.array, labels=saved.labels)
+    _write_dicom_sr(labels, image, folder, plan)
+
+
 def _push(case: Case, folder: Path, plan: _Plan, notes: list[str]) -> None:
-    """Hand the case's SEG to the sink (which pushes it once and verifies it); raises when it cannot."""
+    """Hand the case's SEG (and SR) to the sink (which pushes each once and verifies it); raises when it cannot."""
     seg = folder / "segmentation.dcm"
     if not seg.is_file():
         raise WorkflowError(f"case {case.case_id}: nothing to push: the case has no DICOM SEG (a DICOM series input "
                             "and dicom_seg output are needed).")
-    notes.append(plan.sink.push(case.case_id, seg, folder))
+    notes.append(plan.sink.push(case.case_id, seg, folder, folder / SR_NAME))
 
 
 def _clear_outputs(folder: Path, keep: Sequence[str] = ()) -> None:
@@ -873,6 +942,8 @@ def run_batch(
 
     if sink is not None and not options.outputs.dicom_seg:
         raise WorkflowError("pushing to a PACS sends each case's DICOM SEG: turn dicom_seg output on (--dicom-seg).")
+    if sink is not None and getattr(sink, "push_sr", False) and not options.outputs.dicom_sr:
+        raise WorkflowError("pushing the DICOM SR summary (--push-sr) needs dicom_sr output (--dicom-sr).")
     plan = _Plan(out, options, _model_identity(card), versions(), manifest.root, uuid.uuid4().hex, source, sink)
     for p in remove_partials(out):
         logger.info("removed a temporary file a killed run left: %s", p.relative_to(out))
@@ -936,7 +1007,7 @@ def _find_card(options: RunOptions) -> Any:
 # ---- workflow recipes -----------------------------------------------------------------------------------------
 _TOP = {"name", "description", "model", "models_dirs", "inputs", "outputs", "inference", "executor", "include_phi"}
 _INPUTS = {"manifest", "folder"}
-_OUTPUTS = {"folder", "labels", "dicom_seg", "seg_type", "stats", "metrics", "report", "image"}
+_OUTPUTS = {"folder", "labels", "dicom_seg", "seg_type", "dicom_sr", "stats", "metrics", "report", "image"}
 _INFERENCE = {"device", "fast", "tta", "overlap", "amp", "torch_threads"}
 _EXECUTOR = {"kind", "workers", "scheduler", "prefetch", "retries", "memory_limit"}
 
@@ -1008,6 +1079,7 @@ def parse_workflow(data: Any, *, source: str | Path = "workflow", base_dir: Path
         labels=r.boolean(o, "labels", "outputs.", True),
         dicom_seg=r.boolean(o, "dicom_seg", "outputs.", False),
         seg_type=r.choice(o, "seg_type", "outputs.", "binary", ("binary", "labelmap")),  # type: ignore[arg-type]
+        dicom_sr=r.boolean(o, "dicom_sr", "outputs.", False),
         stats=r.boolean(o, "stats", "outputs.", True),
         metrics=r.boolean(o, "metrics", "outputs.", True),
         report=r.boolean(o, "report", "outputs.", True),

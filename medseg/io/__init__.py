@@ -2,6 +2,7 @@
 
 from medseg.io.dicom import FolderContents, SeriesInfo, VolumeInfo, list_series, list_volumes, scan_folder
 from medseg.io.dicom_seg import SegAlgorithm, SegInfo, load_segmentation, read_seg_info, write_dicom_seg
+from medseg.io.dicom_sr import write_dicom_sr
 from medseg.io.dicom_write import WrittenSeries, write_dicom_series
 from medseg.io.volume_io import (
            FORMAT_NAMES,
@@ -32,4 +33,5 @@ __all__ = [
            "scan_folder",
            "write_dicom_seg",
            "write_dicom_series",
+           "write_dicom_sr",
 ]
