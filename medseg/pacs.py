@@ -450,6 +450,8 @@ class _DicomWeb(_Transport):
 
         def request(*args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", self._timeout)
+            if ca_bundle is not None:  # per request: requests lets REQUESTS_CA_BUNDLE override session.verify
+                kwargs.setdefault("verify", str(ca_bundle))
             return original(*args, **kwargs)
 
         session.request = request  # type: ignore[method-assign]

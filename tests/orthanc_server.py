@@ -79,38 +79,17 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {"medseg": [OUR_AET, "127.0.0.1", 11112]}, "DicomCheckModalityHost": False,
             "StableAge": 1, "HttpServerThreads": 4, "ConcurrentJobs": 2, "StorageCompression": False,
-            **(extra or {}),  # e.g. SslEnabled/SslCertificate, more DicomModalities
+            **(extra or {}),  # e.g. more DicomModalities (not SslEnabled: 1.10.1 crashes at the first TLS handshake)
         }
         (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
-        # extra may move the ports or turn TLS on (a second Orthanc beside the first, HTTPS)
-        self.http_port, self.dicom_port = int(config["HttpPort"]), int(config["DicomPort"])
-        self.scheme = "https" if config.get("SslEnabled") else "http"
-
-    @property
-    def base(self) -> str:
-        """Orthanc's REST root (``http://127.0.0.1:8042``, or https with ``SslEnabled``)."""
-        return f"{self.scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb(self) -> str:
-        return f"dicomweb+{self.base}/dicom-web"
+        return f"dicomweb+http://127.0.0.1:{HTTP_PORT}/dicom-web"
 
     @property
     def dimse(self) -> str:
-        return f"dimse://{AET}@127.0.0.1:{self.dicom_port}"
-
-    def _open(self, req: Any) -> bytes:
-        """This helper's own admin requests; with TLS it does not check Orthanc's certificate (the tests do)."""
-        import ssl
-        import urllib.request
-
-        context = None
-        if self.scheme == "https":
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        with urllib.request.urlopen(req, timeout=10, context=context) as answer:
-            return answer.read()  # type: ignore[no-any-return]
+        return f"dimse://{AET}@127.0.0.1:{DICOM_PORT}"
 
     def start(self, timeout_s: float = 20.0) -> None:
         env = {**os.environ, "TCP_NODELAY": "1"}
@@ -142,10 +121,11 @@ class Orthanc:
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
+        req = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}{path}", data=data, method=method)
         if self.auth:
             req.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
-        raw = self._open(req)
+        with urllib.request.urlopen(req, timeout=10) as answer:
+            raw = answer.read()
         return json.loads(raw) if raw else None
 
     def get(self, path: str) -> Any:
@@ -183,11 +163,12 @@ class Orthanc:
                 if series["MainDicomTags"].get("Modality") != "SEG":
                     continue
                 for iid in series["Instances"]:
-                    req = urllib.request.Request(f"{self.base}/instances/{iid}/file")
+                    req = urllib.request.Request(f"http://127.0.0.1:{HTTP_PORT}/instances/{iid}/file")
                     if self.auth:
                         token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
                         req.add_header("Authorization", "Basic " + token)
-                    files.append(self._open(req))
+                    with urllib.request.urlopen(req, timeout=10) as answer:
+                        files.append(answer.read())
         return out
 
     def instance_count(self) -> int:
