@@ -5,15 +5,18 @@ The bundle is wholeBody_ct_segmentation's inference config at its low-resolution
 gaussian blending, softmax → argmax → ``Invertd(nearest)`` → ``SaveImaged``. Weights are random (seeded), with
 the last layer re-centred so that many classes win somewhere.
 
-Each run is a child process under a hard address-space limit (``RLIMIT_AS``; also ``MALLOC_ARENA_MAX=2``):
-``--cap-gb`` (default 6 GiB) is the stated cap, and "does not fit" below means "does not fit in that cap", on this
-machine. When MONAI's run does not fit, it is run again under ``--compare-cap-gb`` (default 10 GiB; 0: skip) so that
-time, peak RSS and labels can still be compared. Both runs read the same uncompressed NIfTI and write their labels
-as NIfTI; time is wall clock of the whole child (imports excluded), peak RSS is the child's ``ru_maxrss``.
+Each run is a child process in its own memory cgroup whose limit is this machine's physical memory (MemTotal;
+``--limit-gb`` to choose another): "does not fit in this machine's memory" below means the kernel killed the run
+when its resident memory reached the limit (or, the run being the first OOM victim, when the machine ran out).
+Where cgroups are not available (not root), the limit is an address-space cap (``RLIMIT_AS``) instead, which is
+stricter. ``MALLOC_ARENA_MAX=2`` for both. Both runs read the same uncompressed NIfTI and write their labels as
+NIfTI; time is wall clock of the whole child (imports excluded); peak RSS is the child's ``ru_maxrss`` when it
+completes, else the largest anonymous memory of its cgroup sampled every 50 ms.
 
-    python benchmarks/bench_bundles.py                                  # 512x512x300 CT
-    python benchmarks/bench_bundles.py --shape 512 512 200 --cap-gb 6 --compare-cap-gb 0
-    python benchmarks/bench_bundles.py --big-z 400                      # and a 512x512x400 CT
+    python benchmarks/bench_bundles.py                        # 512x512x300 CT (0.8 x 0.8 x 1.5 mm)
+    python benchmarks/bench_bundles.py --shape 512 512 100
+    python benchmarks/bench_bundles.py --big 512 512 1500 --big-spacing 0.98 0.98 1.0
+        # and a whole-body CT, head to thigh (1.5 m at 1 mm, 500 mm field of view)
 
 No assertion on time: it prints a table (and ``--json FILE`` writes it).
 """
@@ -30,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
+from _machine import MemoryCage, cpu_name, load_average, memory_total_bytes  # benchmarks/_machine.py
 
 HERE = Path(__file__).resolve()
 
@@ -117,8 +120,8 @@ def write_bundle(root: Path) -> Path:
     return root
 
 
-def write_ct(path: Path, shape: tuple[int, int, int]) -> Path:
-    """A body-like synthetic CT (int16 HU), 0.8 x 0.8 x 1.5 mm, LPS-like axis signs, written uncompressed."""
+def write_ct(path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float] = (0.8, 0.8, 1.5)) -> Path:
+    """A body-like synthetic CT (int16 HU), LPS-like axis signs, written uncompressed."""
     import nibabel as nib
     import numpy as np
 
@@ -131,16 +134,17 @@ def write_ct(path: Path, shape: tuple[int, int, int]) -> Path:
         z = k / max(1, shape[2] - 1)
         sl = np.where(body, 40, -1000) + np.where(organ & (z > 0.3) & (z < 0.7), 60, 0)
         arr[..., k] = (sl + rng.normal(0, 20, shape[:2])).astype(np.int16)
-    affine = np.diag([-0.8, -0.8, 1.5, 1.0])
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
     affine[:3, 3] = [200.0, 180.0, -300.0]
     nib.save(nib.Nifti1Image(arr, affine), str(path))
     return path
 
 
 def child(role: str, bundle: Path, image: Path, out: Path, cap_gb: float, report: Path) -> None:
-    cap = int(cap_gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    result: dict = {"role": role, "cap_gib": cap_gb}
+    if cap_gb:
+        cap = int(cap_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    result: dict = {"role": role}
     try:
         import torch  # noqa: F401 - imports are not timed
         from monai.bundle import ConfigParser
@@ -172,17 +176,31 @@ def child(role: str, bundle: Path, image: Path, out: Path, cap_gb: float, report
     report.write_text(json.dumps(result))
 
 
-def run_child(role: str, bundle: Path, image: Path, out: Path, cap_gb: float, work: Path) -> dict:
-    report = work / f"{role}_{out.stem}.json"
+def run_child(role: str, bundle: Path, image: Path, out: Path, limit_gb: float, work: Path) -> dict:
+    """One run in its own memory cgroup limited to ``limit_gb`` (RLIMIT_AS of that size where there is none)."""
+    report = work / f"{role}_{out.parent.name}.json"
     env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    caged = MemoryCage.available()
     cmd = [sys.executable, str(HERE), "--child", role, "--bundle", str(bundle), "--image", str(image), "--out",
-           str(out), "--cap-gb", str(cap_gb), "--report", str(report)]
-    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-    if report.is_file():
-        res = json.loads(report.read_text())
-    else:  # killed before it could report (e.g. an allocation outside Python failing)
-        res = {"role": role, "ok": False, "error": f"exit code {proc.returncode}: {proc.stderr.strip()[-300:]}"}
-    res["exit_code"] = proc.returncode
+           str(out), "--cap-gb", "0" if caged else str(limit_gb), "--report", str(report)]
+    with open(work / f"{role}_{out.parent.name}.log", "wb") as log:
+        if caged:
+            with MemoryCage(f"{role}-{out.parent.name}", int(limit_gb * 2**30)) as cage:
+                run = cage.run(cmd, env=env, stdout=log)
+        else:
+            proc = subprocess.run(cmd, check=False, env=env, stdout=log, stderr=subprocess.STDOUT)
+            run = {"exit_code": proc.returncode, "oom_killed": False, "peak_bytes": 0, "peak_anon_bytes": 0}
+    res = json.loads(report.read_text()) if report.is_file() else {"role": role, "ok": False}
+    res.update(exit_code=run["exit_code"], limit_gib=limit_gb, limit="cgroup" if caged else "RLIMIT_AS",
+               cgroup_peak_gib=run["peak_bytes"] / 2**30, oom_killed=run["oom_killed"])
+    if "peak_rss_gib" not in res:  # killed before it could report: the sampled peak of its heap
+        res["peak_rss_gib"] = run["peak_anon_bytes"] / 2**30
+    if not res.get("ok") and "error" not in res:
+        if run["oom_killed"]:
+            res["error"] = f"killed by the kernel at the {limit_gb:.1f} GiB memory limit (out of memory)"
+        else:
+            tail = (work / f"{role}_{out.parent.name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+            res["error"] = f"exit code {run['exit_code']}: {tail[0][:200] if tail else ''}"
     return res
 
 
@@ -199,66 +217,72 @@ def agreement(a: Path, b: Path) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
-    ap.add_argument("--big-z", type=int, default=0, help="slices of a second, larger CT (0: none)")
-    ap.add_argument("--cap-gb", type=float, default=6.0, help="address-space cap of every child (GiB)")
-    ap.add_argument("--compare-cap-gb", type=float, default=10.0,
-                    help="cap for rerunning MONAI's run when it does not fit in --cap-gb (0: no rerun)")
+    ap.add_argument("--spacing", type=float, nargs=3, default=[0.8, 0.8, 1.5], help="mm")
+    ap.add_argument("--big", type=int, nargs=3, help="shape of a second, larger CT")
+    ap.add_argument("--big-spacing", type=float, nargs=3, default=[0.98, 0.98, 1.0], help="its spacing (mm)")
+    ap.add_argument("--limit-gb", type=float, default=memory_total_bytes() / 2**30,
+                    help="memory limit of every run (GiB; default: this machine's physical memory)")
+    ap.add_argument("--only", choices=["monai", "medseg"], help="run one side only")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", choices=["monai", "medseg"])
     ap.add_argument("--bundle", type=Path)
     ap.add_argument("--image", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--cap-gb", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--report", type=Path)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.bundle, args.image, args.out, args.cap_gb, args.report)
         return
     cpu = cpu_name()
-    print(f"CPU: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; cap per run: RLIMIT_AS "
-          f"{args.cap_gb:g} GiB")
+    how = "memory cgroup" if MemoryCage.available() else "address-space cap (RLIMIT_AS)"
+    print(f"CPU: {cpu}, {os.cpu_count()} cores, load average {load_average():.1f}; memory {memory_total_bytes() / 2**30:.1f}"
+          f" GiB; limit per run: {how} of {args.limit_gb:.1f} GiB", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_bundles_") as tmp:
         work = Path(tmp)
         bundle = write_bundle(work / "wholeBody_lowres_like")
-        sizes = [tuple(args.shape)] + ([(args.shape[0], args.shape[1], args.big_z)] if args.big_z else [])
-        for n, shape in enumerate(sizes):
-            image = write_ct(work / f"ct_{n}.nii", shape)
-            (work / f"m{n}").mkdir()
-            (work / f"s{n}").mkdir()
-            ours = run_child("medseg", bundle, image, work / f"s{n}" / "labels.nii", args.cap_gb, work)
-            theirs = run_child("monai", bundle, image, work / f"m{n}" / "labels.nii", args.cap_gb, work)
-            row = {"shape": list(shape), "medseg": ours, "monai": theirs}
-            compare = theirs
-            if not theirs.get("ok") and args.compare_cap_gb:
-                (work / f"m{n}b").mkdir()
-                compare = run_child("monai", bundle, image, work / f"m{n}b" / "labels.nii", args.compare_cap_gb, work)
-                row["monai_larger_cap"] = compare
-            if ours.get("ok") and compare.get("ok"):
-                ref = work / (f"m{n}b" if compare is not theirs else f"m{n}") / "labels.nii"
-                row["identical_fraction"], row["labels_present"] = agreement(work / f"s{n}" / "labels.nii", ref)
+        sizes = [(tuple(args.shape), tuple(args.spacing))]
+        if args.big:
+            sizes.append((tuple(args.big), tuple(args.big_spacing)))
+        roles = [args.only] if args.only else ["medseg", "monai"]
+        for n, (shape, spacing) in enumerate(sizes):
+            image = write_ct(work / f"ct_{n}.nii", shape, spacing)
+            row: dict = {"shape": list(shape), "spacing": list(spacing)}
+            for role in roles:
+                (work / f"{role}{n}").mkdir()
+                row[role] = run_child(role, bundle, image, work / f"{role}{n}" / "labels.nii", args.limit_gb, work)
+                row[role]["load_average_after"] = load_average()
+                print(f"  {role} {'x'.join(map(str, shape))}: {json.dumps(row[role])}", flush=True)
+            if all(row.get(r, {}).get("ok") for r in ("medseg", "monai")):
+                row["identical_fraction"], row["labels_present"] = agreement(
+                    work / f"medseg{n}" / "labels.nii", work / f"monai{n}" / "labels.nii")
             rows.append(row)
             image.unlink()
-    print(f"{'CT shape':>16} {'run':>7} {'cap GiB':>8} {'ok':>4} {'time s':>8} {'peak RSS GiB':>13}   notes")
+            for role in roles:
+                (work / f"{role}{n}" / "labels.nii").unlink(missing_ok=True)
+    print(f"{'CT shape':>15} {'spacing mm':>15} {'run':>7} {'ok':>4} {'time s':>8} {'peak RSS GiB':>13} "
+          f"{'cgroup peak':>12}   notes")
     for row in rows:
         shape = "x".join(map(str, row["shape"]))
-        for role in ("monai", "monai_larger_cap", "medseg"):
+        spacing = "x".join(f"{v:g}" for v in row["spacing"])
+        for role in ("monai", "medseg"):
             r = row.get(role)
             if r is None:
                 continue
             t = f"{r['seconds']:.1f}" if r.get("seconds") else "-"
-            peak = f"{r['peak_rss_gib']:.2f}" if r.get("peak_rss_gib") else "-"
-            print(f"{shape:>16} {r['role']:>7} {r.get('cap_gib', 0):>8g} {'yes' if r.get('ok') else 'no':>4} {t:>8} "
-                  f"{peak:>13}   {r.get('error', '')[:80]}")
-        m, s = row.get("monai_larger_cap", row["monai"]), row["medseg"]
+            print(f"{shape:>15} {spacing:>15} {role:>7} {'yes' if r.get('ok') else 'no':>4} {t:>8} "
+                  f"{r['peak_rss_gib']:>13.2f} {r['cgroup_peak_gib']:>12.2f}   {r.get('error', '')[:90]}")
+        m, s = row.get("monai", {}), row.get("medseg", {})
         if m.get("ok") and s.get("ok"):
-            print(f"{'':>16} medseg/MONAI: time {s['seconds'] / m['seconds']:.2f}x, peak RSS "
+            print(f"{'':>15} medseg/MONAI: time {s['seconds'] / m['seconds']:.2f}x, peak RSS "
                   f"{s['peak_rss_gib'] / m['peak_rss_gib']:.2f}x; identical labels {row['identical_fraction']:.6f} "
                   f"({row['labels_present']} labels present)")
-        if not row["monai"].get("ok") and s.get("ok"):
-            print(f"{'':>16} MONAI's own run does not fit in RLIMIT_AS {args.cap_gb:g} GiB; medseg's completes "
-                  f"(peak RSS {s['peak_rss_gib']:.2f} GiB)")
+        elif "monai" in row and not m.get("ok") and s.get("ok"):
+            print(f"{'':>15} MONAI's own run does not fit in {m['limit_gib']:.1f} GiB ({m['limit']}); medseg's "
+                  f"completes (peak RSS {s['peak_rss_gib']:.2f} GiB)")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu, "cap_gib": args.cap_gb, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"cpu": cpu, "limit_gib": args.limit_gb, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,12 @@ weights, ``--classes`` output classes, no mirroring, as TotalSegmentator's train
 - nnU-Net: ``nnUNetPredictor.initialize_from_trained_model_folder`` + ``predict_from_files`` on the same NIfTI, as
   ``nnUNetv2_predict`` runs it (its preprocessing and export worker processes included).
 
-Each side runs in its own subprocess under the same address-space cap (``--cap-gb``, RLIMIT_AS); peak RSS is
-the largest sum of RSS over the subprocess and its children, sampled every 50 ms. Agreement: the fraction of input
-voxels with the same label. Never asserts on time.
+Each side runs in its own subprocess in a memory cgroup whose limit is this machine's physical memory (MemTotal,
+or ``--limit-gb``): a side that does not fit is killed by the kernel at the limit (it is also the first victim if
+the machine runs out first). Without cgroups (not root) the limit is an address-space cap (RLIMIT_AS, through
+``prlimit``). Peak RSS is the largest sum of RSS over the subprocess and its children (nnU-Net's worker processes),
+sampled every 50 ms; "cgroup peak" is the cgroup's own high-water mark (page cache of written files included).
+Agreement: the fraction of input voxels with the same label. Never asserts on time.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name  # benchmarks/_machine.py (the scripts run from this folder)
+from _machine import MemoryCage, cpu_name, load_average, memory_total_bytes  # benchmarks/_machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"small": (256, 256, 150), "large": (512, 512, 300)}
+SIZES = {"small": (256, 256, 150), "medium": (512, 512, 200), "large": (512, 512, 300)}
 SPACING = (0.8, 0.8, 1.5)
 
 
@@ -85,47 +88,68 @@ def _worker(side: str, folder: Path, image: Path, out: Path) -> None:
     (out / f"{side}.json").write_text(json.dumps({"init_s": t1 - t0, "segment_s": t2 - t1}))
 
 
-def _run(side: str, folder: Path, image: Path, out: Path, cap_gb: float, timeout_s: float = 3600.0) -> dict:
+def _run(side: str, folder: Path, image: Path, out: Path, limit_gb: float, timeout_s: float = 4 * 3600.0) -> dict:
     import psutil
 
-    cap = int(cap_gb * 2**30)
-    t0 = time.perf_counter()
-    # prlimit execs the worker in the same process: the cap holds for it and every child it starts.
+    limit = int(limit_gb * 2**30)
+    caged = MemoryCage.available()
+    cmd = [sys.executable, __file__, "--worker", side, str(folder), str(image), str(out)]
+    if not caged:  # prlimit execs the worker in the same process: the cap holds for it and every child it starts
+        cmd = ["prlimit", f"--as={limit}", *cmd]
     log_path = out / f"{side}.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(["prlimit", f"--as={cap}", sys.executable, __file__, "--worker", side, str(folder),
-                                 str(image), str(out)], stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        if time.perf_counter() - t0 > timeout_s:
-            for child in ps.children(recursive=True):
-                child.kill()
-            proc.kill()
-            proc.wait()
-            break
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log_file, MemoryCage(f"nnunet-{side}", limit) if caged else _nothing() as cage:
+        cmd = cage.wrap(cmd) if cage is not None else cmd
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            if time.perf_counter() - t0 > timeout_s:
+                for child in ps.children(recursive=True):
+                    child.kill()
+                proc.kill()
+                proc.wait()
+                break
+            try:
+                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        for child in ps.children(recursive=True) if proc.returncode else ():  # workers left behind by a kill
+            child.kill()
+        oom = cage.oom_kills > 0 if cage is not None else False
+        cgroup_peak = cage.peak_bytes / 2**30 if cage is not None else float("nan")
     wall = time.perf_counter() - t0
     log = log_path.read_text(errors="replace")
-    result = {"ok": proc.returncode == 0, "wall_s": wall, "peak_rss_gb": peak / 2**30}
+    result = {"ok": proc.returncode == 0, "wall_s": wall, "peak_rss_gb": peak / 2**30, "cgroup_peak_gb": cgroup_peak,
+              "oom_killed": oom, "exit_code": proc.returncode, "limit_gb": limit_gb, "load_average_after": load_average()}
     if (out / f"{side}.json").is_file():
         result.update(json.loads((out / f"{side}.json").read_text()))
     if not result["ok"]:
         last = [line for line in log.splitlines() if line.strip()][-1:] or ["?"]
-        result["error"] = last[0][:160]
+        result["error"] = (f"killed by the kernel at the {limit_gb:.1f} GiB memory limit (out of memory); last line: "
+                           if oom else "") + last[0][:160]
     return result
+
+
+class _nothing:
+    """A context manager for "no cgroup"."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "large"])
     ap.add_argument("--classes", type=int, default=118, help="output classes incl. background (TotalSegmentator: 118)")
-    ap.add_argument("--cap-gb", type=float, default=7.0, help="address-space cap of each side (RLIMIT_AS), GiB")
+    ap.add_argument("--limit-gb", type=float, default=memory_total_bytes() / 2**30,
+                    help="memory limit of each side (GiB; default: this machine's physical memory)")
+    ap.add_argument("--only", choices=["medseg", "nnunet"], help="run one side only")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -134,8 +158,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from nnunet_factory import write_fake_nnunet_folder
 
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; classes {args.classes}; "
-          f"cap {args.cap_gb:g} GiB per side")
+    how = "memory cgroup" if MemoryCage.available() else "address-space cap (RLIMIT_AS)"
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, load average {load_average():.1f}; classes {args.classes}; "
+          f"limit per side: {how} of {args.limit_gb:.1f} GiB", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         labels = {"background": 0, **{f"class_{c}": c for c in range(1, args.classes)}}
@@ -143,15 +168,19 @@ def main() -> None:
                                           transpose_forward=(0, 1, 2), patch_size=(64, 64, 64),
                                           spacing=(3.0, 3.0, 3.0), features=(8, 16, 32, 64))
         print(f"{'size':<6} {'input':<14} {'side':<7} {'ok':<3} {'wall s':>7} {'segment s':>9} "
-              f"{'peak RSS GiB':>12}  agreement / error", flush=True)
+              f"{'peak RSS GiB':>12} {'cgroup peak':>11}  agreement / error", flush=True)
         for size in args.sizes:
             shape = SIZES[size]
             work = base / size
             work.mkdir()
             image = work / "case_0000.nii.gz"
             _make_ct(shape, image)
-            ours = _run("medseg", folder, image, work, args.cap_gb)
-            theirs = _run("nnunet", folder, image, work, args.cap_gb)
+            skipped = {"ok": False, "wall_s": float("nan"), "peak_rss_gb": float("nan"),
+                        "cgroup_peak_gb": float("nan"), "error": "not run (--only)"}
+            ours = _run("medseg", folder, image, work, args.limit_gb) if args.only != "nnunet" else skipped
+            print(f"  medseg {size}: {json.dumps(ours)}", flush=True)
+            theirs = _run("nnunet", folder, image, work, args.limit_gb) if args.only != "medseg" else skipped
+            print(f"  nnU-Net {size}: {json.dumps(theirs)}", flush=True)
             agree = float("nan")
             if ours["ok"] and theirs["ok"]:
                 import nibabel as nib
@@ -166,7 +195,8 @@ def _print_rows(size: str, shape: tuple[int, int, int], ours: dict, theirs: dict
     for name, r in (("medseg", ours), ("nnU-Net", theirs)):
         extra = f"{agree:.6f}" if r["ok"] else r.get("error", "")
         print(f"{size:<6} {'x'.join(map(str, shape)):<14} {name:<7} {'yes' if r['ok'] else 'no':<3} "
-              f"{r['wall_s']:7.1f} {r.get('segment_s', float('nan')):9.1f} {r['peak_rss_gb']:12.2f}  {extra}")
+              f"{r['wall_s']:7.1f} {r.get('segment_s', float('nan')):9.1f} {r['peak_rss_gb']:12.2f} "
+              f"{r['cgroup_peak_gb']:11.2f}  {extra}")
     if ours["ok"] and theirs["ok"]:
         print(f"{'':<6} ratios medseg / nnU-Net: wall {ours['wall_s'] / theirs['wall_s']:.2f}, peak RSS "
               f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}", flush=True)

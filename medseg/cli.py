@@ -792,7 +792,9 @@ def batch_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (OUT/<case_id>/pred.nii.gz, ...).")],
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="The fast inference preset (see medseg segment).")] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="Mirroring test-time augmentation (8× slower).")] = False,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help=(
+        "Mirroring test-time augmentation (8× slower). Default: off, except for nnU-Net folders (on, as nnU-Net)."
+    ))] = None,
     dicom_seg: Annotated[bool, typer.Option("--dicom-seg/--no-dicom-seg", help="DICOM SEG for DICOM inputs.")] = False,
     seg_type: Annotated[str, typer.Option("--seg-type", help="DICOM SEG type: binary or labelmap.")] = "binary",
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="Statistics per case and statistics.csv.")] = True,

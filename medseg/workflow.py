@@ -177,8 +177,11 @@ class RunOptions:
         User folders of cards and bundles.
     device : str or None
         "cpu", "cuda", "cuda:N", "mps"; None picks the best available.
-    fast, tta : bool
-        The inference presets of ``medseg segment --fast`` / ``--tta``.
+    fast : bool
+        The inference preset of ``medseg segment --fast``.
+    tta : bool or None
+        Mirroring test-time augmentation (``--tta/--no-tta``); None: the model's default (on for nnU-Net folders
+        whose checkpoint allows it, as ``nnUNetv2_predict``; off otherwise).
     overlap : float or None
         Sliding-window overlap (None: the card's).
     amp : bool or None
@@ -211,7 +214,7 @@ class RunOptions:
     models_dirs: tuple[str, ...] = ()
     device: str | None = None
     fast: bool = False
-    tta: bool = False
+    tta: bool | None = None
     overlap: float | None = None
     amp: bool | None = None
     torch_threads: int | None = None
@@ -469,8 +472,8 @@ def _segmenter(options: RunOptions) -> Segmenter:
                 changes["overlap"] = options.overlap
             if options.amp is not None:
                 changes["amp"] = options.amp
-            if options.tta:
-                changes["tta"] = True
+            if options.tta is not None:
+                changes["tta"] = options.tta
             _SEGMENTERS.clear()  # one model per process
             _MODEL_LOADS[0] += 1
             _SEGMENTERS[key] = Segmenter(options.model, models_dirs=list(options.models_dirs), options=base,
@@ -1114,7 +1117,7 @@ def parse_workflow(data: Any, *, source: str | Path = "workflow", base_dir: Path
         models_dirs=tuple(str(Path(d) if Path(d).is_absolute() else base / d) for d in dirs),
         device=None if device in (None, "auto") else device,
         fast=r.boolean(inf, "fast", "inference.", False),
-        tta=r.boolean(inf, "tta", "inference.", False),
+        tta=None if inf.get("tta") is None else r.boolean(inf, "tta", "inference.", False),
         overlap=r.optional_number(inf, "overlap", "inference.", None, lo=0.0, hi=0.95),
         amp=amp,
         torch_threads=r.optional_integer(inf, "torch_threads", "inference.", None, lo=1),

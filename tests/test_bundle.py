@@ -168,6 +168,22 @@ def test_labels_override_file(tmp_path: Path) -> None:
     assert card.labels[4].kind == "lesion" and card.bundle.label_source == "medseg.yaml"
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("label: {1: liver}\n", r"medseg.yaml: unknown field\(s\) in 'the file': 'label' \(did you mean 'labels'\?\)"),
+    ("labels: {one: liver}\n", r"medseg.yaml: field 'labels': expected label values mapped to names"),
+    ("labels: [liver]\n", r"medseg.yaml: field 'labels': expected a mapping"),
+    ("channel_names: T1c\n", r"medseg.yaml: field 'channel_names': expected a list of names"),
+])
+def test_labels_override_file_errors_name_the_field(tmp_path: Path, text: str, message: str) -> None:
+    from medseg.errors import ModelCardError
+    from medseg.models import find_model
+
+    bundle = write_bundle(tmp_path / "b", "sigmoid4")
+    (bundle / "medseg.yaml").write_text(text)
+    with pytest.raises(ModelCardError, match=message):
+        find_model(bundle)
+
+
 def test_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     from medseg.models import find_model
 

@@ -232,3 +232,16 @@ def test_folder_errors_name_the_file(tmp_path: Path, folder: Path) -> None:
         load_nnunet_card(good)
     with pytest.raises(ModelNotFoundError, match="not an nnU-Net v2 result folder"):
         load_nnunet_card(tmp_path)
+
+
+def test_batch_mirrors_nnunet_folders_as_nnunet_does_unless_told_not_to(tmp_path: Path) -> None:
+    # `medseg batch` and recipes leave tta to the model (None) unless --tta/--no-tta or `tta:` says otherwise, so a
+    # batch run of an nnU-Net folder gives the labels of `medseg segment` and nnUNetv2_predict (mirroring on).
+    from medseg.workflow import RunOptions, _segmenter, parse_workflow
+
+    folder = write_fake_nnunet_folder(tmp_path / "results", mirroring_axes=(0, 1, 2))
+    assert _segmenter(RunOptions(model=str(folder), device="cpu"))._nnunet.mirror_axes == (0, 1, 2)
+    assert _segmenter(RunOptions(model=str(folder), device="cpu", tta=False))._nnunet.mirror_axes is None
+    recipe = {"model": str(folder), "inputs": {"folder": str(tmp_path)}, "outputs": {"folder": str(tmp_path / "o")}}
+    assert parse_workflow(recipe).options.tta is None
+    assert parse_workflow({**recipe, "inference": {"tta": False}}).options.tta is False

@@ -235,29 +235,28 @@ class BundleSpec:
 
 
 def _override(root: Path) -> dict[str, Any]:
+    """The user's ``medseg.yaml`` beside the bundle's configs (labels, channel names, modality), checked."""
+    from medseg.schema import SchemaReader
+
     path = root / OVERRIDE_FILE
     if not path.is_file():
         return {}
-    data = _read_structured(path)
-    allowed = {"labels", "channel_names", "modality"}
-    if not isinstance(data, Mapping) or set(map(str, data)) - allowed:
-        extra = sorted(set(map(str, data)) - allowed) if isinstance(data, Mapping) else data
-        raise ModelCardError(f"{path}: expected a mapping with {sorted(allowed)}; got {extra!r}.")
+    r = SchemaReader(str(path), ModelCardError)
+    data = r.mapping(_read_structured(path), "the file", ("labels", "channel_names", "modality"))
     out: dict[str, Any] = {}
     if "labels" in data:
-        labels = data["labels"]
+        labels = r.mapping(data["labels"], "labels")
         try:
-            out["labels"] = {int(k): str(v) for k, v in dict(labels).items()}
+            out["labels"] = {int(k): r.string(labels, k, "labels.") for k in labels}
         except (TypeError, ValueError):
-            raise ModelCardError(f"{path}: 'labels' must map label values to names, e.g. {{1: liver}}; "
-                                 f"got {labels!r}.") from None
+            raise r.fail("labels", "label values mapped to names, e.g. {1: liver}", data["labels"]) from None
     if "channel_names" in data:
         names = data["channel_names"]
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ModelCardError(f"{path}: 'channel_names' must be a list of names, e.g. [T1c, T1, T2, FLAIR].")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise r.fail("channel_names", "a list of names, e.g. [T1c, T1, T2, FLAIR]", names)
         out["channel_names"] = tuple(names)
     if "modality" in data:
-        out["modality"] = str(data["modality"]).upper()
+        out["modality"] = r.string(data, "modality", "").upper()
     return out
 
 
