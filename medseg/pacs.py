@@ -413,6 +413,13 @@ def _http_error(exc: Exception, name: str, what: str) -> PacsError:
             return PacsError(f"{name}: {what}: not found on the PACS (HTTP 404); it may have been deleted since the "
                              "query, or the URL's path is not the DICOMweb root.")
         return PacsError(f"{name}: {what}: the PACS answered HTTP {code} ({exc.response.reason}).")
+    if isinstance(exc, requests.exceptions.SSLError):  # before ConnectionError, its base class
+        reason = re.search(r"certificate verify failed: ([^(]+)", str(exc))
+        return PacsConnectionError(
+            f"{name}: {what}: the PACS's TLS certificate could not be verified"
+            f"{f' ({reason.group(1).strip()})' if reason else ''}. If the site signs its certificates with its own "
+            "certificate authority, pass --ca-bundle PEM (ca_bundle: in a recipe) holding that CA's certificate; "
+            "if a bundle was given, it does not hold the CA that signed this certificate.")
     if isinstance(exc, requests.Timeout):
         return PacsConnectionError(f"{name}: {what}: no answer within the timeout; is the PACS overloaded or down?")
     if isinstance(exc, requests.ConnectionError):
@@ -445,6 +452,8 @@ class _DicomWeb(_Transport):
 
         def request(*args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", self._timeout)
+            if ca_bundle is not None:  # per request: requests lets REQUESTS_CA_BUNDLE override session.verify
+                kwargs.setdefault("verify", str(ca_bundle))
             return original(*args, **kwargs)
 
         session.request = request  # type: ignore[method-assign]

@@ -49,6 +49,26 @@ Workflow recipes (``workflows/*.yaml``, :func:`load_workflow`)::
     executor: {kind: local, workers: 2, scheduler: null, prefetch: true, retries: 2, memory_limit: 4GiB}
     include_phi: false
 
+A recipe can take its studies from a PACS and push each DICOM SEG back, as ``medseg batch URL --push`` does
+(``docs/pacs.md``; the keys are the command's option names)::
+
+    inputs:
+      pacs: dicomweb+https://pacs.example.org/dicom-web     # or dimse://AET@HOST:PORT
+      query: {ModalitiesInStudy: CT, StudyDate: 20240101-20241231}   # --query Keyword=value
+      series: [modality=CT, orientation=axial]               # --series rule=value
+      cache: cache/                                          # default OUT/.pacs-cache
+      ca_bundle: site-ca.pem                                 # --ca-bundle (HTTPS)
+      credentials_file: ~/.medseg-pacs                       # --credentials (a user:password file, chmod 600)
+      ae_title: MEDSEG                                       # --ae-title (DIMSE)
+      retrieve: get                                          # DIMSE: get (C-GET) or move (C-MOVE)
+      ae_port: 11112                                         # --ae-port: our storage SCP for C-MOVE
+      timeout: 30                                            # --timeout, seconds per request
+    outputs: {folder: runs/pacs, push: true, push_sr: false} # true: back to the source; or a PACS URL
+                                                             # push_sr: the DICOM SR summary too (--push-sr)
+
+Credentials never go in a recipe: a ``password``, ``token``, ``user`` or ``credentials`` key anywhere is refused
+(use ``MEDSEG_PACS_USER`` + ``MEDSEG_PACS_PASSWORD``, ``MEDSEG_PACS_TOKEN`` or ``credentials_file``).
+
 Relative paths resolve against the recipe's folder; ``medseg run RECIPE --set outputs.folder=/tmp/x`` overrides a
 field (the value is read as YAML).
 """
@@ -62,6 +82,7 @@ import json
 import logging
 import platform
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -84,6 +105,7 @@ __all__ = [
     "EXIT_USAGE",
     "CaseRecord",
     "OutputOptions",
+    "PacsSettings",
     "RunEvent",
     "RunOptions",
     "RunResult",
@@ -1006,22 +1028,77 @@ def _find_card(options: RunOptions) -> Any:
 
 # ---- workflow recipes -----------------------------------------------------------------------------------------
 _TOP = {"name", "description", "model", "models_dirs", "inputs", "outputs", "inference", "executor", "include_phi"}
-_INPUTS = {"manifest", "folder"}
-_OUTPUTS = {"folder", "labels", "dicom_seg", "seg_type", "dicom_sr", "stats", "metrics", "report", "image"}
+_SOURCES = ("manifest", "folder", "pacs")
+#: The PACS keys of ``inputs`` (``medseg batch``'s option names): study selection, and the connection settings
+#: that serve the source and the push destination alike (one set, as on the command line).
+_PACS_SELECT = {"query", "series", "cache", "retrieve"}
+_PACS_CONNECT = {"ca_bundle", "credentials_file", "ae_title", "ae_port", "timeout"}
+_INPUTS = {*_SOURCES, *_PACS_SELECT, *_PACS_CONNECT}
+_OUTPUTS = {"folder", "labels", "dicom_seg", "seg_type", "stats", "metrics", "report", "image", "push", "push_sr", "dicom_sr"}
+#: Keys that would put a secret into a recipe (recipes are copied, shared and committed): refused anywhere.
+_SECRET_KEY = re.compile(r"pass(word|wd|phrase)?|secret|token|api_?key|bearer|authori[sz]ation|auth|login|"
+                         r"user(name)?|credentials?", re.IGNORECASE)
 _INFERENCE = {"device", "fast", "tta", "overlap", "amp", "torch_threads"}
 _EXECUTOR = {"kind", "workers", "scheduler", "prefetch", "retries", "memory_limit"}
 
 
 @dataclass(frozen=True)
+class PacsSettings:
+    """A recipe's PACS input and push: what ``medseg batch URL --query ... --push`` says with options.
+
+    Attributes
+    ----------
+    query, series : tuple of str
+        ``Keyword=value`` study filters and ``rule=value`` series rules (as ``--query`` / ``--series``).
+    cache : Path or None
+        Where series are retrieved (None: ``OUT/.pacs-cache``).
+    retrieve : {"get", "move"}
+        DIMSE retrieval: C-GET, or C-MOVE to medseg's own storage SCP.
+    ca_bundle, credentials_file : Path or None
+        PEM file of CA certificates for HTTPS; a ``user:password`` file only its owner can read.
+    ae_title : str
+        Our DICOM AE title (DIMSE).
+    ae_port : int
+        The port of medseg's storage SCP for C-MOVE (``retrieve: move``).
+    timeout_s : float
+        Seconds per PACS request.
+    push : bool
+        Push each DICOM SEG back to the source PACS.
+    push_to : str or None
+        Push each DICOM SEG to this PACS instead (any input).
+    push_sr : bool
+        Push each case's DICOM SR summary after its SEG (``outputs.push_sr``; turns ``dicom_sr`` output on).
+    """
+
+    query: tuple[str, ...] = ()
+    series: tuple[str, ...] = ()
+    cache: Path | None = None
+    retrieve: Literal["get", "move"] = "get"
+    ca_bundle: Path | None = None
+    credentials_file: Path | None = None
+    ae_title: str = "MEDSEG"
+    ae_port: int = 11112
+    timeout_s: float = 30.0
+    push: bool = False
+    push_to: str | None = None
+    push_sr: bool = False
+
+
+@dataclass(frozen=True)
 class Workflow:
-    """A parsed workflow recipe: which cases, where the results go, and how to run them."""
+    """A parsed workflow recipe: which cases, where the results go, and how to run them.
+
+    ``inputs`` is a manifest or folder path, or a PACS URL (a str) when ``pacs`` says how to query it; ``pacs``
+    is also set when a folder or manifest's SEGs are pushed to a PACS (``outputs.push: URL``).
+    """
 
     name: str
-    inputs: Path
+    inputs: Path | str
     out_dir: Path
     options: RunOptions
     description: str = ""
     source: Path | None = None
+    pacs: PacsSettings | None = None
 
 
 def _set(data: dict[str, Any], assignment: str, source: str) -> None:
@@ -1058,28 +1135,45 @@ def parse_workflow(data: Any, *, source: str | Path = "workflow", base_dir: Path
 
     src = str(source)
     r = SchemaReader(src, WorkflowError)
+    _refuse_secrets(data, r, "")
     top_in = dict(r.mapping(data, "(top level)", _TOP))
     top = copy.deepcopy(top_in)
     for assignment in overrides:
         _set(top, assignment, src)
+    _refuse_secrets(top, r, "")
     top = dict(r.mapping(top, "(top level)", _TOP))
     base = base_dir or Path.cwd()
     model = r.string(top, "model", "")
     inputs = r.mapping(top.get("inputs"), "inputs", _INPUTS)
-    if len(inputs) != 1:
-        raise r.problem("field 'inputs' needs exactly one of 'manifest' (a JSON/CSV manifest) or 'folder' (a folder "
-                        f"of studies), got {sorted(inputs) or 'nothing'}.")
-    key = next(iter(inputs))
-    inp = Path(r.string(inputs, key, "inputs."))
-    inp = inp if inp.is_absolute() else base / inp
+    given = [k for k in _SOURCES if k in inputs]
+    if len(given) != 1:
+        raise r.problem("field 'inputs' needs exactly one of 'manifest' (a JSON/CSV manifest), 'folder' (a folder "
+                        "of studies) or 'pacs' (dicomweb+http(s)://HOST[:PORT]/PATH or dimse://AET@HOST:PORT), got "
+                        f"{given or 'none'}.")
+    key = given[0]
+    inp: Path | str
+    if key == "pacs":
+        inp = _pacs_url(r, inputs["pacs"], "inputs.pacs")
+    else:
+        inp = Path(r.string(inputs, key, "inputs."))
+        inp = inp if inp.is_absolute() else base / inp
     o = r.mapping(top.get("outputs"), "outputs", _OUTPUTS)
     out_dir = Path(r.string(o, "folder", "outputs.", f"runs/{top.get('name', 'batch')}"))
     out_dir = out_dir if out_dir.is_absolute() else base / out_dir
+    pacs = _pacs_settings(r, inputs, o, is_pacs=key == "pacs", base=base)
+    pushes = pacs is not None and (pacs.push or pacs.push_to is not None)
+    if pushes and o.get("dicom_seg") is False:
+        raise r.problem("field 'outputs.push' sends each case's DICOM SEG to a PACS: 'outputs.dicom_seg' must be true "
+                        "(or left out), not false.")
+    push_sr = pacs is not None and pacs.push_sr
+    if push_sr and o.get("dicom_sr") is False:
+        raise r.problem("field 'outputs.push_sr' sends each case's DICOM SR summary to the PACS: 'outputs.dicom_sr' "
+                        "must be true (or left out), not false.")
     outputs = OutputOptions(
         labels=r.boolean(o, "labels", "outputs.", True),
-        dicom_seg=r.boolean(o, "dicom_seg", "outputs.", False),
+        dicom_seg=r.boolean(o, "dicom_seg", "outputs.", pushes),
         seg_type=r.choice(o, "seg_type", "outputs.", "binary", ("binary", "labelmap")),  # type: ignore[arg-type]
-        dicom_sr=r.boolean(o, "dicom_sr", "outputs.", False),
+        dicom_sr=r.boolean(o, "dicom_sr", "outputs.", push_sr),
         stats=r.boolean(o, "stats", "outputs.", True),
         metrics=r.boolean(o, "metrics", "outputs.", True),
         report=r.boolean(o, "report", "outputs.", True),
@@ -1122,7 +1216,108 @@ def parse_workflow(data: Any, *, source: str | Path = "workflow", base_dir: Path
     )
     return Workflow(name=r.string(top, "name", "", "batch"), inputs=inp, out_dir=out_dir, options=options,
                     description=str(top.get("description", "") or ""),
-                    source=Path(source) if isinstance(source, Path) else None)
+                    source=Path(source) if isinstance(source, Path) else None, pacs=pacs)
+
+
+def _refuse_secrets(node: Any, r: SchemaReader, where: str) -> None:
+    """Refuse any key of the recipe (at any depth) that would hold a password, token or user name."""
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            name = str(k)
+            if name != "credentials_file" and _SECRET_KEY.search(name):
+                raise r.problem(f"field '{where}{name}': credentials never go in a recipe (recipes are copied and "
+                                "shared, and runs record them). Set MEDSEG_PACS_USER and MEDSEG_PACS_PASSWORD (basic "
+                                "auth) or MEDSEG_PACS_TOKEN (bearer token) in the environment, or give "
+                                "'inputs.credentials_file: PATH' (one line user:password, readable only by its "
+                                "owner).")
+            _refuse_secrets(v, r, f"{where}{name}.")
+    elif isinstance(node, list):
+        for item in node:
+            _refuse_secrets(item, r, where)
+
+
+def _pacs_url(r: SchemaReader, value: Any, where: str) -> str:
+    """A PACS address, checked as the source and sink check it (scheme; no password in it)."""
+    from medseg.pacs import PacsSink, is_pacs_url
+
+    if not isinstance(value, str) or not is_pacs_url(value):
+        raise r.fail(where, "a PACS address: dicomweb+http(s)://HOST[:PORT]/PATH or dimse://AET@HOST:PORT", value)
+    try:
+        PacsSink(value)  # refuses user:password@ in the URL, without connecting or reading credentials
+    except MedsegError as exc:
+        raise r.problem(f"field '{where}': {exc}") from None
+    return value
+
+
+def _pacs_settings(r: SchemaReader, inputs: Mapping[str, Any], o: Mapping[str, Any], *, is_pacs: bool,
+                   base: Path) -> PacsSettings | None:
+    """The PACS keys of ``inputs`` and ``outputs.push``, validated as ``medseg batch`` validates its options."""
+    from medseg.pacs import SeriesRules, parse_query
+
+    push_value = o.get("push", False)
+    push, push_to = False, None
+    if isinstance(push_value, bool):
+        push = push_value
+        if push and not is_pacs:
+            raise r.problem("field 'outputs.push: true' sends the SEGs back to the PACS the studies came from; the "
+                            "input is a folder or manifest, so give 'outputs.push: URL' (the PACS to push to).")
+    else:
+        push_to = _pacs_url(r, push_value, "outputs.push")
+    push_sr = r.boolean(o, "push_sr", "outputs.", False)
+    if push_sr and not push and push_to is None:
+        raise r.problem("field 'outputs.push_sr' pushes each case's DICOM SR summary after its SEG: set 'outputs.push' "
+                        "too (true, or the URL of the PACS to push to).")
+    if not is_pacs:
+        select = sorted(k for k in _PACS_SELECT if k in inputs)
+        if select:
+            raise r.problem(f"field(s) {', '.join(f'inputs.{k}' for k in select)} select studies in a PACS; the input "
+                            "is a folder or manifest (use 'inputs.pacs: URL').")
+        if push_to is None:
+            connect = sorted(k for k in _PACS_CONNECT if k in inputs)
+            if connect:
+                raise r.problem(f"field(s) {', '.join(f'inputs.{k}' for k in connect)} configure a PACS connection; "
+                                "the recipe neither reads from a PACS ('inputs.pacs') nor pushes to one "
+                                "('outputs.push').")
+            return None
+    query_raw = inputs.get("query") or {}
+    if not isinstance(query_raw, Mapping):
+        raise r.fail("inputs.query", "a mapping of DICOM keywords to values, e.g. {ModalitiesInStudy: CT, StudyDate: "
+                     "20240101-20241231}", query_raw)
+    query = []
+    for k, v in query_raw.items():
+        if isinstance(v, list) and all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+            v = ",".join(map(str, v))  # a UID list
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise r.fail(f"inputs.query.{k}", "a value (a date range A-B, a UID list as a YAML list)", v)
+        query.append(f"{k}={v}")
+    series_raw = inputs.get("series") or []
+    if isinstance(series_raw, Mapping):
+        series_raw = [f"{k}={v}" for k, v in series_raw.items()]
+    if not isinstance(series_raw, list) or not all(isinstance(x, str) for x in series_raw):
+        raise r.fail("inputs.series", "a list of rules rule=value, e.g. [modality=CT, orientation=axial]", series_raw)
+    try:
+        parse_query(query)
+        SeriesRules.parse(series_raw)
+    except MedsegError as exc:
+        raise r.problem(f"field 'inputs.query'/'inputs.series': {exc}") from None
+    url = str(inputs.get("pacs", "") or "")
+    retrieve = r.choice(inputs, "retrieve", "inputs.", "get", ("get", "move"))
+    if retrieve == "move" and not url.lower().startswith("dimse"):
+        raise r.problem("field 'inputs.retrieve' chooses C-GET or C-MOVE for a DIMSE source (dimse://AET@HOST:PORT); "
+                        "DICOMweb retrieves with WADO-RS.")
+
+    def path(k: str) -> Path | None:
+        if inputs.get(k) is None:
+            return None
+        p = Path(r.string(inputs, k, "inputs.")).expanduser()
+        return p if p.is_absolute() else base / p
+
+    return PacsSettings(
+        query=tuple(query), series=tuple(series_raw), cache=path("cache"), retrieve=retrieve,  # type: ignore[arg-type]
+        ca_bundle=path("ca_bundle"), credentials_file=path("credentials_file"),
+        ae_title=r.string(inputs, "ae_title", "inputs.", "MEDSEG"),
+        ae_port=r.integer(inputs, "ae_port", "inputs.", 11112, lo=1, hi=65535),
+        timeout_s=r.number(inputs, "timeout", "inputs.", 30.0, lo=1.0), push=push, push_to=push_to, push_sr=push_sr)
 
 
 def is_training_recipe(data: Any) -> bool:
@@ -1147,12 +1342,26 @@ def load_workflow(path: str | Path, *, overrides: Sequence[str] = ()) -> Workflo
 
 
 def run_workflow(workflow: Workflow, *, progress: Callable[[RunEvent], None] | None = None) -> RunResult:
-    """Run a parsed workflow recipe (:func:`run_batch` on its inputs).
+    """Run a parsed workflow recipe (:func:`run_batch` on its inputs; a PACS input is queried first, and each
+    case is retrieved before it is read and pushed when done, as ``medseg batch URL --push`` does).
 
     Raises
     ------
     ManifestError, WorkflowError, MedsegError
         As :func:`load_manifest_or_folder` and :func:`run_batch`.
+    PacsAuthError, PacsConnectionError, PacsError
+        When the PACS refuses our credentials or cannot be queried (nothing is run then).
     """
-    manifest = load_manifest_or_folder(workflow.inputs)
-    return run_batch(manifest, workflow.out_dir, workflow.options, progress=progress)
+    source = sink = None
+    p = workflow.pacs
+    if p is not None:
+        from medseg.pacs import open_endpoints
+
+        source, sink = open_endpoints(
+            str(workflow.inputs), cache_dir=p.cache or workflow.out_dir / ".pacs-cache", query=p.query,
+            series=p.series, push=p.push, push_to=p.push_to, credentials_file=p.credentials_file,
+            ca_bundle=None if p.ca_bundle is None else str(p.ca_bundle), ae_title=p.ae_title, timeout_s=p.timeout_s,
+            retrieve=p.retrieve, ae_port=p.ae_port, push_sr=p.push_sr)
+    workflow.options.check_available()
+    manifest = source.manifest() if source is not None else load_manifest_or_folder(workflow.inputs)
+    return run_batch(manifest, workflow.out_dir, workflow.options, progress=progress, source=source, sink=sink)

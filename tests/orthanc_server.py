@@ -79,7 +79,7 @@ class Orthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "DicomModalities": {"medseg": [OUR_AET, "127.0.0.1", 11112]}, "DicomCheckModalityHost": False,
             "StableAge": 1, "HttpServerThreads": 4, "ConcurrentJobs": 2, "StorageCompression": False,
-            **(extra or {}),  # e.g. SslEnabled/SslCertificate, more DicomModalities
+            **(extra or {}),  # e.g. more DicomModalities (not SslEnabled: 1.10.1 crashes at the first TLS handshake)
         }
         (folder / "orthanc.json").write_text(json.dumps(config, indent=1))
 

@@ -2,8 +2,8 @@
 
 ``orthanc`` enters a network namespace of its own (``tests/orthanc_server.py``) and starts one Orthanc for the
 module that uses it; ``pacs`` wipes it before each test. A module that needs another Orthanc configuration
-(TLS, other modalities) overrides ``orthanc_options``. Skipped, with the reason, where Orthanc is not installed or
-the machine does not allow a network namespace.
+(other modalities; not TLS, see tests/test_pacs_recipes_tls.py) overrides ``orthanc_options``. Skipped, with the
+reason, where Orthanc is not installed or the machine does not allow a network namespace.
 """
 
 from __future__ import annotations

@@ -265,6 +265,40 @@ def test_sr_round_trips_through_c_store(pacs: osrv.Orthanc, phantoms: Path, tmp_
     assert pacs.instance_count() == before
 
 
+def test_a_recipe_retrieves_by_c_move_and_pushes_seg_and_sr(pacs: osrv.Orthanc, phantoms: Path,
+                                                             tmp_path: Path) -> None:
+    """`medseg run recipe.yaml` with inputs.retrieve: move, inputs.ae_port and outputs.push_sr: the same run as
+    `medseg batch dimse://... --retrieve move --ae-port 11112 --push --push-sr`."""
+    import yaml
+
+    local = _local_folder(tmp_path, phantoms, [22], dcmqi=False)
+    _upload(pacs, local / "p22")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "move-sr", "model": "ct-basic",
+        "inputs": {"pacs": pacs.dimse, "ae_title": osrv.OUR_AET, "retrieve": "move", "ae_port": 11112,
+                   "series": ["modality=CT"]},
+        "outputs": {"folder": "out", "push": True, "push_sr": True, "report": False},
+        "inference": {"device": "cpu"}}))
+    result = runner.invoke(app, ["run", str(recipe), "--quiet"], env={})
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    local_out = tmp_path / "local-out"
+    assert run_batch(make_manifest(local, checksums=False), local_out,
+                     RunOptions(model="ct-basic", device="cpu", outputs=OutputOptions(report=False))).exit_status == 0
+    _check_pushed_segs(pacs, out, local, local_out)
+    _check_pushed_srs(pacs, out, local)
+    assert _port_free(11112), "the storage SCP is still listening after the run"
+    # push_sr with dicom_sr: false, or without a push, is refused before anything runs
+    for outputs, message in (({"push": True, "push_sr": True, "dicom_sr": False}, "outputs.dicom_sr"),
+                             ({"push_sr": True}, "set 'outputs.push' too")):
+        recipe.write_text(yaml.safe_dump({"name": "bad", "model": "ct-basic", "inputs": {"pacs": pacs.dimse},
+                                          "outputs": {"folder": "bad", **outputs}}))
+        bad = runner.invoke(app, ["run", str(recipe)], env={})
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_a_case_done_without_an_sr_gets_one_pushed_later_without_resegmenting(pacs: osrv.Orthanc, phantoms: Path,
                                                                                tmp_path: Path) -> None:
     """First --push (SEG only), then --push --push-sr: the SR is written from the case's SEG and labels and
