@@ -127,20 +127,32 @@ def test_dicomweb_batch_pushes_one_seg_per_study_equal_to_the_local_run(pacs: os
     assert [c["state"] for c in json.loads((out / "run.json").read_text())["cases"]] == ["skipped", "skipped"]
 
 
+@pytest.mark.slow
 def test_dimse_c_find_c_get_in_and_c_store_out(pacs: osrv.Orthanc, phantoms: Path, tmp_path: Path) -> None:
-    local = _local_folder(tmp_path, phantoms, [22], dcmqi=False)
-    _upload(pacs, local / "p22")
+    """The DICOMweb acceptance through DIMSE: C-FIND + C-GET in, C-STORE out, same model, same kinds of study."""
+    local = _local_folder(tmp_path, phantoms, [22], dcmqi=True)
+    for study in local.iterdir():
+        _upload(pacs, study)
     out = tmp_path / "out"
-    result = runner.invoke(app, ["batch", pacs.dimse, "--ae-title", osrv.OUR_AET, "--model", "ct-basic", "--device",
-                                 "cpu", "--out", str(out), "--push", "--quiet", "--no-report",
-                                 "--series", "modality=CT", "--series", "orientation=axial"], env={})
+    args = ["batch", pacs.dimse, "--ae-title", osrv.OUR_AET, "--model", "phantom-abdomen-ct", "--device", "cpu",
+            "--torch-threads", "1", "--out", str(out), "--push", "--quiet", "--no-report",
+            "--query", "ModalitiesInStudy=CT", "--series", "modality=CT", "--series", "orientation=axial"]
+    result = runner.invoke(app, args, env={})
     assert result.exit_code == 0, result.output
     local_out = tmp_path / "local-out"
     assert run_batch(make_manifest(local, checksums=False), local_out,
-                     RunOptions(model="ct-basic", device="cpu", outputs=OutputOptions(report=False))).exit_status == 0
+                     RunOptions(model="phantom-abdomen-ct", device="cpu", torch_threads=1,
+                                outputs=OutputOptions(report=False))).exit_status == 0
     _check_pushed_segs(pacs, out, local, local_out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["pacs"] == {"source": pacs.dimse, "sink": pacs.dimse}
     record = json.loads((out / case_id_for_study(_study_uid(local / "p22")) / "status.json").read_text())
     assert any("dimse://ORTHANC@127.0.0.1:4242 and verified" in n for n in record["notes"])
+    # a rerun finds every case done and pushed: nothing is stored again
+    before = pacs.instance_count()
+    again = runner.invoke(app, args, env={})
+    assert again.exit_code == 0, again.output
+    assert pacs.instance_count() == before and all(len(v) == 1 for v in pacs.seg_series().values())
 
 
 def test_wrong_password_is_a_clear_error_and_exit_2(pacs: osrv.Orthanc, tmp_path: Path) -> None:
