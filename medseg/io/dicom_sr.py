@@ -44,7 +44,7 @@ _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "
 
 def _headers(source: Volume | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Any]:
     """The source instances' headers (a DICOM-sourced Volume, a folder, or a list of files)."""
-    import pydicom
+    from medseg.io.dicom_seg import _read_headers
 
     if isinstance(source, Volume):
         if source.source is None or not source.source.files:
@@ -56,13 +56,7 @@ def _headers(source: Volume | str | os.PathLike[str] | Sequence[str | os.PathLik
         files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
     else:
         files = [Path(f) for f in source]
-    out = []
-    for f in files:
-        try:
-            out.append(pydicom.dcmread(f, stop_before_pixels=True))
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on damaged files
-            raise UnreadableFileError(f"{f}: cannot read the DICOM header ({type(exc).__name__}: {exc}).") from None
-    return out
+    return _read_headers([str(f) for f in files])
 
 
 def write_dicom_sr(
