@@ -334,6 +334,19 @@ def _source_datasets(source: Volume | str | os.PathLike[str]) -> tuple[Volume | 
     return volume, list(dict.fromkeys(volume.source.files))
 
 
+def _save_atomically(ds: Any, out_path: Path) -> None:
+    """Write a dataset as a DICOM file (preamble and meta) in one step: no partial file is ever left at ``out_path``."""
+    from medseg.files import atomic_path
+
+    try:
+        with atomic_path(out_path, keep_suffix=".dcm") as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+    except MedsegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom and the file system raise many types
+        raise UnreadableFileError(f"{out_path}: could not write ({type(exc).__name__}: {exc}).") from None
+
+
 def _read_headers(files: Sequence[str]) -> list[Any]:
     import pydicom
 
@@ -795,15 +808,7 @@ def write_dicom_seg(
             content_description=description[:64],
             transfer_syntax_uid=_TRANSFER_SYNTAX[compression],
         )
-    from medseg.files import atomic_path
-
-    try:
-        with atomic_path(out_path, keep_suffix=".dcm") as tmp:
-            seg.save_as(tmp, enforce_file_format=True)
-    except MedsegError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise UnreadableFileError(f"{out_path}: could not write ({type(exc).__name__}: {exc}).") from None
+    _save_atomically(seg, out_path)
     log.info("wrote %s SEG with %d segment(s) over %d source frame(s) to %s", kind.upper(), len(present), len(planes),
              out_path)
     return out_path

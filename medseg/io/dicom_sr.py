@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.errors import DicomSrError, MedsegError, UnreadableFileError
+from medseg.errors import DicomSrError
 from medseg.volume import Volume
 
 __all__ = ["SR_NAME", "write_dicom_sr"]
@@ -204,15 +204,9 @@ def write_dicom_sr(
             series_description=description,
             software_versions=f"medseg {medseg.__version__}",
         )
-    from medseg.files import atomic_path
+    from medseg.io.dicom_seg import _save_atomically
 
     out_path = Path(path)
-    try:
-        with atomic_path(out_path, keep_suffix=".dcm") as tmp:
-            sr.save_as(tmp, enforce_file_format=True)
-    except MedsegError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise UnreadableFileError(f"{out_path}: could not write ({type(exc).__name__}: {exc}).") from None
+    _save_atomically(sr, out_path)
     log.info("wrote a DICOM SR with the volumes of %d segment(s) to %s", len(groups), out_path)
     return out_path
